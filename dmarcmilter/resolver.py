@@ -1,0 +1,339 @@
+"""The DNS layer every check goes through.
+
+RFC 9989 needs four outcomes kept apart: an answer, NOERROR with no data
+(the name exists), NXDOMAIN (the name does not exist, §4.10.1 and RFC 8020,
+which decides ``np``) and a failure (SERVFAIL or timeout), which makes the
+DMARC result temperror (§5.3.6).  :class:`DNSStatus` carries exactly that.
+
+A :class:`Resolver` is shared by the whole process: it holds the upstream
+nameservers and a bounded, TTL-honouring, thread-safe cache.  Each message gets
+a :class:`DNSSession` from :meth:`Resolver.session`; the session enforces the
+per-message time budget and records every query it made, so ``dmarcmilter
+check`` can show them and tests can assert the exact query sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.resolver
+
+from .errors import DmarcMilterError
+
+# Upper bound on how long any answer is cached, whatever its TTL says: a
+# record changed by its owner should be seen within the hour.
+MAX_CACHE_TTL = 3600
+
+
+class DNSStatus(enum.Enum):
+    NOERROR = "noerror"  # at least one record of the type asked for
+    NODATA = "nodata"  # the name exists, with no record of that type
+    NXDOMAIN = "nxdomain"  # the name does not exist
+    SERVFAIL = "servfail"  # the server failed or refused
+    TIMEOUT = "timeout"  # no answer in time, or the message's DNS budget is spent
+
+    @property
+    def is_failure(self) -> bool:
+        """A temporary failure: the name may or may not exist."""
+        return self in (DNSStatus.SERVFAIL, DNSStatus.TIMEOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class DNSAnswer:
+    """One query and its outcome.
+
+    ``records`` holds, by type: TXT, a tuple of character-strings (bytes) per
+    record; A/AAAA, the address text; MX, ``(preference, exchange)``; PTR and
+    CNAME, the target without trailing dot.
+    """
+
+    qname: str
+    rdtype: str
+    status: DNSStatus
+    records: tuple[object, ...] = ()
+    ttl: int = 0
+    detail: str = ""
+
+    def txt(self) -> list[str]:
+        """TXT records with their character-strings concatenated (RFC 7208 §3.3,
+        RFC 9989 §4.5: no separator), decoded leniently so a stray byte cannot
+        raise; such a record simply fails to parse later."""
+        out = []
+        for rec in self.records:
+            assert isinstance(rec, tuple)
+            out.append(b"".join(rec).decode("utf-8", "replace"))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLogEntry:
+    qname: str
+    rdtype: str
+    status: DNSStatus
+    records: tuple[object, ...]
+    cached: bool
+    elapsed_ms: float
+
+
+class DNSFailure(DmarcMilterError):
+    """A DNS query failed temporarily (SERVFAIL, timeout, spent budget).
+
+    Raised only by the adapters that let third-party libraries (dkimpy) query
+    through us, so the failure crosses their code unchanged and is turned into
+    a temperror result by the check that called them.
+    """
+
+    def __init__(self, answer: DNSAnswer) -> None:
+        super().__init__(f"{answer.qname}/{answer.rdtype}: {answer.status.value} {answer.detail}")
+        self.answer = answer
+
+
+class _Cache:
+    """Bounded LRU cache of answers with per-entry expiry."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max = max_entries
+        self._data: OrderedDict[tuple[str, str], tuple[float, DNSAnswer]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], now: float) -> DNSAnswer | None:
+        with self._lock:
+            item = self._data.get(key)
+            if item is None:
+                return None
+            expires, answer = item
+            if expires <= now:
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return answer
+
+    def put(self, key: tuple[str, str], answer: DNSAnswer, now: float) -> None:
+        if self._max <= 0 or answer.ttl <= 0:
+            return
+        with self._lock:
+            self._data[key] = (now + min(answer.ttl, MAX_CACHE_TTL), answer)
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass(frozen=True)
+class ResolverSettings:
+    nameservers: tuple[str, ...] = ()  # empty: take them from /etc/resolv.conf
+    port: int = 53
+    query_timeout: float = 2.0
+    message_budget: float = 8.0
+    cache_entries: int = 50_000
+
+
+class Resolver:
+    """Process-wide DNS resolver with a shared cache."""
+
+    def __init__(self, settings: ResolverSettings | None = None) -> None:
+        self.settings = settings or ResolverSettings()
+        if self.settings.nameservers:
+            self._resolver = dns.resolver.Resolver(configure=False)
+            self._resolver.nameservers = list(self.settings.nameservers)
+        else:
+            try:
+                self._resolver = dns.resolver.Resolver()
+            except dns.resolver.NoResolverConfiguration as exc:
+                raise DmarcMilterError(
+                    "no nameservers configured and /etc/resolv.conf has none"
+                ) from exc
+        self._resolver.port = self.settings.port
+        # Let a SERVFAIL be an answer, not a reason to retry until the timeout:
+        # we want to tell failures apart quickly.
+        self._resolver.retry_servfail = False
+        self._resolver.cache = None
+        self._cache = _Cache(self.settings.cache_entries)
+
+    def session(self, budget: float | None = None) -> DNSSession:
+        return DNSSession(self, self.settings.message_budget if budget is None else budget)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def cached(self, qname: str, rdtype: str) -> DNSAnswer | None:
+        return self._cache.get((qname, rdtype), time.monotonic())
+
+    def lookup(self, qname: str, rdtype: str, timeout: float) -> DNSAnswer:
+        """Query upstream (no cache) and classify the outcome."""
+        answer = self._query(qname, rdtype, timeout)
+        self._cache.put((qname, rdtype), answer, time.monotonic())
+        return answer
+
+    def _query(self, qname: str, rdtype: str, timeout: float) -> DNSAnswer:
+        try:
+            name = dns.name.from_text(qname)
+        except dns.exception.DNSException as exc:
+            # A name we cannot even put on the wire cannot exist.
+            return DNSAnswer(qname, rdtype, DNSStatus.NXDOMAIN, detail=f"invalid name: {exc}")
+        try:
+            ans = self._resolver.resolve(
+                name, rdtype, raise_on_no_answer=False, lifetime=timeout, search=False
+            )
+        except dns.resolver.NXDOMAIN as exc:
+            return DNSAnswer(
+                qname, rdtype, DNSStatus.NXDOMAIN, ttl=_negative_ttl(exc.responses().values())
+            )
+        except dns.resolver.LifetimeTimeout:
+            return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
+        except dns.resolver.NoNameservers as exc:
+            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail=_short(exc))
+        except dns.exception.Timeout:
+            return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
+        except dns.exception.DNSException as exc:
+            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail=_short(exc))
+        except OSError as exc:
+            # e.g. the nameserver address is unreachable: a failure, not an answer.
+            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail=str(exc))
+        if ans.rrset is None:
+            return DNSAnswer(qname, rdtype, DNSStatus.NODATA, ttl=_negative_ttl([ans.response]))
+        return DNSAnswer(
+            qname,
+            rdtype,
+            DNSStatus.NOERROR,
+            records=tuple(_rdata_value(r) for r in ans.rrset),
+            ttl=ans.rrset.ttl,
+        )
+
+
+@dataclass
+class DNSSession:
+    """The DNS view of one message: a time budget and a log of queries.
+
+    Not shared between threads; the resolver behind it is.
+    """
+
+    resolver: Resolver
+    budget: float
+    log: list[QueryLogEntry] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.budget
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def query(self, qname: str, rdtype: str) -> DNSAnswer:
+        qname = qname.rstrip(".").lower()
+        start = time.monotonic()
+        answer = self.resolver.cached(qname, rdtype)
+        cached = answer is not None
+        if answer is None:
+            left = self.deadline - start
+            if left <= 0:
+                answer = DNSAnswer(
+                    qname, rdtype, DNSStatus.TIMEOUT, detail="per-message DNS budget spent"
+                )
+            else:
+                answer = self.resolver.lookup(
+                    qname, rdtype, min(self.resolver.settings.query_timeout, left)
+                )
+        self.log.append(
+            QueryLogEntry(
+                qname,
+                rdtype,
+                answer.status,
+                answer.records,
+                cached,
+                (time.monotonic() - start) * 1000.0,
+            )
+        )
+        return answer
+
+    def txt_for_dkim(self, name: bytes | str, timeout: float = 5.0) -> bytes | None:
+        """dkimpy ``dnsfunc``: the first TXT record, strings concatenated.
+
+        A failure raises DNSFailure so it passes through dkimpy (which would
+        otherwise turn it into a plain verification failure) and becomes a
+        temperror in our DKIM check.
+        """
+        del timeout  # our session's budget and per-query timeout govern
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        answer = self.query(text, "TXT")
+        if answer.status.is_failure:
+            raise DNSFailure(answer)
+        if not answer.records:
+            return None
+        first = answer.records[0]
+        assert isinstance(first, tuple)
+        return b"".join(first)
+
+
+def _rdata_value(rdata: object) -> object:
+    rdtype = rdata.rdtype  # type: ignore[attr-defined]
+    if rdtype == dns.rdatatype.TXT:
+        return tuple(rdata.strings)  # type: ignore[attr-defined]
+    if rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return rdata.address  # type: ignore[attr-defined]
+    if rdtype == dns.rdatatype.MX:
+        return (
+            rdata.preference,  # type: ignore[attr-defined]
+            rdata.exchange.to_text(omit_final_dot=True),  # type: ignore[attr-defined]
+        )
+    if rdtype in (dns.rdatatype.PTR, dns.rdatatype.CNAME):
+        return rdata.target.to_text(omit_final_dot=True)  # type: ignore[attr-defined]
+    return rdata.to_text()  # type: ignore[attr-defined]
+
+
+def _negative_ttl(responses: Sequence[dns.message.Message] | object) -> int:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM); with no
+    SOA in the authority section it must not be cached."""
+    best: int | None = None
+    for resp in responses:  # type: ignore[attr-defined]
+        for rrset in getattr(resp, "authority", []):
+            if rrset.rdtype == dns.rdatatype.SOA:
+                ttl = min(rrset.ttl, rrset[0].minimum)
+                best = ttl if best is None else min(best, ttl)
+    return best or 0
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def parse_hostport(spec: str, default_port: int = 53) -> tuple[str, int]:
+    """Parse ``HOST[:PORT]`` or ``[V6]:PORT`` as given to ``--dns``."""
+    spec = spec.strip()
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif spec.count(":") == 1:
+        host, _, port_text = spec.partition(":")
+    else:
+        host, port_text = spec, ""
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError as exc:
+        raise ValueError(f"invalid DNS server port in {spec!r}") from exc
+    if not 0 < port < 65536:
+        raise ValueError(f"DNS server port out of range in {spec!r}")
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ValueError(f"DNS server must be an IP address, got {host!r}") from exc
+    return host, port
