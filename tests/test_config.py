@@ -1,0 +1,75 @@
+"""Configuration loading: defaults, and precise errors naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dmarcmilter.config import Config, load_config
+from dmarcmilter.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "dmarcmilter.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_defaults() -> None:
+    config = load_config(None)
+    assert config == Config()
+    assert config.dmarc.discovery_method == "treewalk"
+    assert config.dns.port == 53
+
+
+def test_shipped_example_config_loads_and_equals_defaults() -> None:
+    # etc/dmarcmilter.toml documents every option with its default value.
+    config = load_config(ROOT / "etc" / "dmarcmilter.toml")
+    assert config == Config()
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'authserv_id = "mx.example"\n[dns]\nnameservers = ["127.0.0.1"]\nport = 5353\n'
+        'timeout = 1\n[dmarc]\ndiscovery_method = "psl"\n',
+    )
+    config = load_config(path)
+    assert config.authserv_id == "mx.example"
+    assert config.dns.nameservers == ("127.0.0.1",)
+    assert config.dns.port == 5353 and config.dns.timeout == 1.0
+    assert config.dmarc.discovery_method == "psl"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bogus = 1\n", "unknown key 'bogus' in the top level"),
+        ("[dns]\nprot = 53\n", "unknown key 'dns.prot' in [dns]"),
+        ("[nosuch]\nx = 1\n", "unknown key 'nosuch' in the top level"),
+        ('[dns]\nport = "53"\n', "dns.port: expected an integer, got '53'"),
+        ("[dns]\nport = 0\n", "dns.port: must be at least 1, got 0"),
+        ("[dns]\nport = 70000\n", "dns.port: must be at most 65535, got 70000"),
+        ("[dns]\ntimeout = true\n", "dns.timeout: expected a number, got True"),
+        ('[dns]\nnameservers = "127.0.0.1"\n', "dns.nameservers: expected a list of strings"),
+        ('[dns]\nnameservers = ["ns.example"]\n', "dns.nameservers: 'ns.example' is not an IP"),
+        ('[dmarc]\ndiscovery_method = "dns"\n', "dmarc.discovery_method: must be one of"),
+        ("[spf]\ncheck_helo = 1\n", "spf.check_helo: expected true or false, got 1"),
+        ("dns = 5\n", "dns: expected a table [dns]"),
+        ("[dns\n", "invalid TOML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
