@@ -36,7 +36,7 @@ def normalize_domain(name: str) -> str:
     if not text.isascii():
         try:
             # IDNA 2008 with UTS #46 mapping, as browsers and MUAs apply it.
-            text = dns.name.from_unicode(text, idna_codec=dns.name.IDNA_2008_Transitional).to_text(
+            text = dns.name.from_unicode(text, idna_codec=dns.name.IDNA_2008_Practical).to_text(
                 omit_final_dot=True
             )
         except (dns.name.NameTooLong, dns.name.LabelTooLong) as exc:

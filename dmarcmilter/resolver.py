@@ -194,7 +194,10 @@ class Resolver:
             )
         except dns.resolver.NXDOMAIN as exc:
             return DNSAnswer(
-                qname, rdtype, DNSStatus.NXDOMAIN, ttl=_negative_ttl(exc.responses().values())
+                qname,
+                rdtype,
+                DNSStatus.NXDOMAIN,
+                ttl=_negative_ttl(list(exc.kwargs["responses"].values())),
             )
         except dns.resolver.LifetimeTimeout:
             return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
@@ -292,16 +295,18 @@ def _rdata_value(rdata: object) -> object:
             rdata.preference,  # type: ignore[attr-defined]
             rdata.exchange.to_text(omit_final_dot=True),  # type: ignore[attr-defined]
         )
+    if rdtype == dns.rdatatype.SPF:
+        return tuple(rdata.strings)  # type: ignore[attr-defined]
     if rdtype in (dns.rdatatype.PTR, dns.rdatatype.CNAME):
         return rdata.target.to_text(omit_final_dot=True)  # type: ignore[attr-defined]
     return rdata.to_text()  # type: ignore[attr-defined]
 
 
-def _negative_ttl(responses: Sequence[dns.message.Message] | object) -> int:
+def _negative_ttl(responses: Sequence[dns.message.Message]) -> int:
     """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM); with no
     SOA in the authority section it must not be cached."""
     best: int | None = None
-    for resp in responses:  # type: ignore[attr-defined]
+    for resp in responses:
         for rrset in getattr(resp, "authority", []):
             if rrset.rdtype == dns.rdatatype.SOA:
                 ttl = min(rrset.ttl, rrset[0].minimum)
