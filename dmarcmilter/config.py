@@ -130,7 +130,7 @@ def _build(cls: type[Any], data: dict[str, Any], source: str, prefix: str) -> An
         if dataclasses.is_dataclass(hint):
             if not isinstance(raw, dict):
                 raise ConfigError(f"{source}: {key}: expected a table [{key}]")
-            values[name] = _build(hint, raw, source, key + ".")
+            values[name] = _build(typing.cast(type[Any], hint), raw, source, key + ".")
             continue
         values[name] = _convert(raw, hint, fld, source, key)
     return cls(**values)

@@ -20,7 +20,9 @@ def test_crlf_file_is_unchanged() -> None:
 
 
 def test_mbox_separator_is_dropped() -> None:
-    msg = Message.from_bytes(b"From sender@example.com Mon Jan 1 00:00:00 2024\nFrom: a@x.org\n\nb\n")
+    msg = Message.from_bytes(
+        b"From sender@example.com Mon Jan 1 00:00:00 2024\nFrom: a@x.org\n\nb\n"
+    )
     assert msg.header_values("from") == ["a@x.org"]
 
 
@@ -51,6 +53,8 @@ def test_not_a_message(data: bytes) -> None:
 
 
 def test_from_parts_matches_from_bytes() -> None:
-    parts = Message.from_parts([("From", "a@example.com"), ("Subject", "one\n two")], b"body\nline\n")
+    parts = Message.from_parts(
+        [("From", "a@example.com"), ("Subject", "one\n two")], b"body\nline\n"
+    )
     stored = Message.from_bytes(b"From: a@example.com\nSubject: one\n two\n\nbody\nline\n")
     assert parts.raw == stored.raw

@@ -1,0 +1,234 @@
+"""The ``dmarcmilter`` command: one entry point, several subcommands.
+
+``check`` shows what a receiver discovers for a domain; ``evaluate`` runs the
+whole evaluation of one stored message.  Both are thin drivers of the same
+core the milter uses.  Bad input ends with one line on stderr and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .authresults import render
+from .config import Config, load_config
+from .discovery import Discoverer, DiscoveryMethod, DiscoveryStatus, load_psl
+from .domains import DomainError, normalize_domain
+from .errors import DmarcMilterError, InputError
+from .evaluation import Envelope, evaluate, resolver_from_config
+from .export import evaluation_dict, query_log, record_dict
+from .message import Message
+from .policy import decide
+from .resolver import DNSSession, Resolver, parse_hostport
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dmarcmilter", description="DMARC (RFC 9989) milter and tools")
+    parser.add_argument("--version", action="version", version=f"dmarcmilter {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        p.add_argument("--dns", metavar="HOST:PORT", help="nameserver to query (IP[:PORT])")
+        p.add_argument(
+            "--method",
+            choices=[m.value for m in DiscoveryMethod],
+            help="policy discovery: treewalk (RFC 9989, default) or psl (RFC 7489)",
+        )
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    check = sub.add_parser("check", help="show the DMARC policy discovered for a domain")
+    check.add_argument("domain", metavar="DOMAIN")
+    common(check)
+
+    ev = sub.add_parser("evaluate", help="evaluate one stored message")
+    ev.add_argument("file", metavar="FILE.eml", help="the message, or - for standard input")
+    ev.add_argument("--client-ip", required=True, metavar="IP")
+    ev.add_argument("--helo", required=True, metavar="NAME")
+    ev.add_argument("--mail-from", required=True, metavar="ADDR", help="use '' or '<>' for null")
+    ev.add_argument("--rcpt-to", action="append", default=[], metavar="ADDR")
+    ev.add_argument("--authserv-id", metavar="ID", help="authserv-id for Authentication-Results")
+    common(ev)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if args.dns:
+        try:
+            host, port = parse_hostport(args.dns)
+        except ValueError as exc:
+            raise InputError(f"--dns: {exc}") from None
+        config = dataclasses.replace(
+            config, dns=dataclasses.replace(config.dns, nameservers=(host,), port=port)
+        )
+    if args.method:
+        config = dataclasses.replace(
+            config, dmarc=dataclasses.replace(config.dmarc, discovery_method=args.method)
+        )
+    if getattr(args, "authserv_id", None):
+        config = dataclasses.replace(config, authserv_id=args.authserv_id)
+    return config
+
+
+def _resolver(config: Config) -> Resolver:
+    resolver = resolver_from_config(config)
+    # A dead nameserver would otherwise show up as temperror on every check;
+    # for a command-line run that is a usage problem, so say it plainly.
+    probe = resolver.lookup(".", "SOA", config.dns.timeout)
+    if probe.status.is_failure:
+        servers = ", ".join(config.dns.nameservers) or "the system resolver"
+        raise InputError(
+            f"DNS server {servers} port {config.dns.port} is unreachable "
+            f"({probe.status.value}{': ' + probe.detail if probe.detail else ''})"
+        )
+    return resolver
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    try:
+        domain = normalize_domain(args.domain)
+    except DomainError as exc:
+        raise InputError(str(exc)) from None
+    method = DiscoveryMethod(config.dmarc.discovery_method)
+    psl = load_psl(config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
+    session = _resolver(config).session()
+    discoverer = Discoverer(session, method, psl)
+    found = discoverer.discover_policy(domain)
+    od = found.organizational_domain
+    if od is None and found.status is not DiscoveryStatus.TEMPERROR:
+        od = discoverer.organizational_domain(domain).domain
+    record = found.record
+    applied = found.requested_policy
+    if applied is not None and record is not None and record.testing:
+        applied = applied.lowered()
+    data: dict[str, Any] = {
+        "domain": domain,
+        "discovery_method": method.value,
+        "status": found.status.value,
+        "detail": found.detail,
+        "policy_domain": found.policy_domain,
+        "org_domain": od,
+        "from_psd": found.from_psd,
+        "author_domain_exists": found.author_domain_exists,
+        "policy_tag": found.policy_tag,
+        "requested_policy": found.requested_policy.value if found.requested_policy else None,
+        "policy": applied.value if applied else None,
+        "record": record_dict(record),
+        "queries": query_log(session.log),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=False))
+        return EXIT_OK
+    _print_check(data)
+    return EXIT_OK
+
+
+def _print_check(data: dict[str, Any]) -> None:
+    print(f"Domain:              {data['domain']}")
+    print(f"Discovery method:    {data['discovery_method']}")
+    print("DNS queries:")
+    for q in data["queries"]:
+        answers = "; ".join(str(a) for a in q["answers"]) if q["answers"] else ""
+        cached = " (cached)" if q["cached"] else ""
+        print(
+            f"  {q['name']} {q['type']}: {q['status']}{cached}"
+            + (f"  {answers}" if answers else "")
+        )
+    print(
+        f"Result:              {data['status']}"
+        + (f" ({data['detail']})" if data["detail"] else "")
+    )
+    record = data["record"]
+    if record:
+        print(f"Record:              {record['raw']}")
+        print(f"Record status:       {record['status']}")
+        for problem in record["problems"]:
+            print(f"  problem: {problem}")
+        print(f"Reporting (rua):     {', '.join(record['rua']) or '-'}")
+    print(f"Policy domain:       {data['policy_domain'] or '-'}")
+    print(f"Organizational dom.: {data['org_domain'] or '-'}")
+    if data["from_psd"]:
+        print("Record source:       public suffix domain (psd=y)")
+    if data["policy_tag"]:
+        print(f"Policy tag used:     {data['policy_tag']} = {data['requested_policy']}")
+    print(f"Policy that applies: {data['policy'] or '-'}")
+
+
+def _read_message(path: str) -> Message:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_MESSAGE_BYTES + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_MESSAGE_BYTES + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise InputError(f"{path}: message larger than {MAX_MESSAGE_BYTES} bytes")
+    try:
+        return Message.from_bytes(data)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    message = _read_message(args.file)
+    envelope = Envelope.create(args.client_ip, args.helo, args.mail_from, args.rcpt_to)
+    resolver = _resolver(config)
+    session: DNSSession = resolver.session()
+    evaluation = evaluate(envelope, message, session, config)
+    decision = decide(evaluation, config.policy)
+    header = render(evaluation, config.effective_authserv_id())
+    if args.json:
+        print(json.dumps(evaluation_dict(evaluation, decision, header), indent=2))
+        return EXIT_OK
+    print(f"Authentication-Results: {header}")
+    dmarc = evaluation.dmarc
+    print(f"DMARC result:  {dmarc.result.value}" + (f" ({dmarc.reason})" if dmarc.reason else ""))
+    print(f"Policy:        {dmarc.policy.value if dmarc.policy else '-'}")
+    print(f"Disposition:   {decision.disposition.value}")
+    print(f"Action:        {decision.action.value}")
+    for r in decision.reasons:
+        print(f"Reason:        {r.reason.value}" + (f" ({r.comment})" if r.comment else ""))
+    if decision.reply:
+        print(f"SMTP reply:    {decision.reply}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"check": cmd_check, "evaluate": cmd_evaluate}
+    try:
+        return handlers[args.command](args)
+    except (InputError, DmarcMilterError) as exc:
+        print(f"dmarcmilter {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""DMARC evaluation: identifier alignment and the DMARC result.
+
+RFC 9989 §4.4 (identifier alignment), §5.3 (receiver actions, steps 1-5),
+§4.10 (policy discovery, through :mod:`dmarcmilter.discovery`) and §4.7 ``t``.
+The inputs are the Author Domain and the SPF and DKIM results already
+computed; this module never queries SPF or DKIM again.  Its only DNS use is
+the policy discovery and the Organizational Domain walks that relaxed
+alignment needs, all memoised by one :class:`Discoverer` per message.
+
+What to *do* with the result is the policy step's business
+(:mod:`dmarcmilter.policy`): this module reports the policy, nothing more.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .discovery import (
+    Discoverer,
+    DiscoveryMethod,
+    DiscoveryStatus,
+    PolicyDiscovery,
+)
+from .record import AlignmentMode, DMARCRecord, Policy
+from .results import (
+    AuthorResult,
+    DKIMOutcome,
+    DKIMResultCode,
+    DKIMSignatureResult,
+    SPFOutcome,
+    SPFResult,
+    SPFResultCode,
+)
+
+
+class DMARCResultCode(enum.Enum):
+    """RFC 9989 §9.1 (A-R ``dmarc=`` values)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+
+
+class OverrideReason(enum.Enum):
+    """RFC 9990 PolicyOverrideType."""
+
+    LOCAL_POLICY = "local_policy"
+    MAILING_LIST = "mailing_list"
+    OTHER = "other"
+    POLICY_TEST_MODE = "policy_test_mode"
+    TRUSTED_FORWARDER = "trusted_forwarder"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOverride:
+    reason: OverrideReason
+    comment: str = ""
+
+
+class Alignment(enum.Enum):
+    """How an authenticated identifier relates to the Author Domain.
+
+    RFC 9990 orders DKIM results in a report row by this: strict-aligned
+    passes first, then relaxed-aligned, then the rest.
+    """
+
+    STRICT = "strict"  # identical to the Author Domain
+    RELAXED = "relaxed"  # same Organizational Domain, and the mode is relaxed
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class SPFVerdict:
+    spf: SPFResult
+    alignment: Alignment = Alignment.NONE
+
+    @property
+    def aligned(self) -> bool:
+        """An aligned *pass*, the only thing that counts for DMARC."""
+        return self.spf.result is SPFResultCode.PASS and self.alignment is not Alignment.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class DKIMVerdict:
+    signature: DKIMSignatureResult
+    alignment: Alignment = Alignment.NONE
+
+    @property
+    def aligned(self) -> bool:
+        return self.signature.result is DKIMResultCode.PASS and self.alignment is not Alignment.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class DMARCOutcome:
+    result: DMARCResultCode
+    author_domain: str | None
+    discovery: PolicyDiscovery | None
+    # The policy evaluated after sp/np and t processing: A-R policy.dmarc.
+    policy: Policy | None
+    spf: SPFVerdict
+    dkim: tuple[DKIMVerdict, ...]
+    reasons: tuple[PolicyOverride, ...] = ()
+    reason: str = ""  # why the result is what it is, for A-R reason= and logs
+    # The Author Domain's Organizational Domain, when a policy was found.
+    organizational_domain: str | None = None
+
+    @property
+    def record(self) -> DMARCRecord | None:
+        return self.discovery.record if self.discovery else None
+
+    @property
+    def policy_domain(self) -> str | None:
+        return self.discovery.policy_domain if self.discovery else None
+
+    @property
+    def discovery_method(self) -> DiscoveryMethod | None:
+        return self.discovery.method if self.discovery else None
+
+    @property
+    def spf_aligned(self) -> bool:
+        return self.spf.aligned
+
+    @property
+    def dkim_aligned(self) -> bool:
+        return any(v.aligned for v in self.dkim)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        record = self.record
+        return record.problems if record else ()
+
+
+def evaluate_dmarc(
+    author: AuthorResult,
+    spf: SPFOutcome,
+    dkim: DKIMOutcome,
+    discoverer: Discoverer,
+) -> DMARCOutcome:
+    """RFC 9989 §5.3 steps 1-5 for one message."""
+    unaligned_spf = SPFVerdict(spf.mfrom)
+    unaligned_dkim = tuple(DKIMVerdict(s) for s in dkim.signatures)
+
+    if not author.status.in_scope or author.domain is None:
+        # §4.2: not exactly one Author Domain; DMARC cannot be applied.
+        return DMARCOutcome(
+            DMARCResultCode.PERMERROR,
+            None,
+            None,
+            None,
+            unaligned_spf,
+            unaligned_dkim,
+            reason=author.reason or author.status.value.replace("_", " "),
+        )
+    author_domain = author.domain
+    discovery = discoverer.discover_policy(author_domain)
+
+    def outcome(
+        result: DMARCResultCode,
+        policy: Policy | None = None,
+        spf_v: SPFVerdict = unaligned_spf,
+        dkim_v: tuple[DKIMVerdict, ...] = unaligned_dkim,
+        reasons: tuple[PolicyOverride, ...] = (),
+        reason: str = "",
+    ) -> DMARCOutcome:
+        org = discovery.organizational_domain
+        if org is None and discovery.record is not None:
+            # The author's own record applied, so discovery stopped early; the
+            # Organizational Domain (for reports) comes from memoised answers.
+            org = discoverer.organizational_domain(author_domain).domain
+        return DMARCOutcome(
+            result, author_domain, discovery, policy, spf_v, dkim_v, reasons, reason, org
+        )
+
+    if discovery.status is DiscoveryStatus.NONE:
+        # §5.3.2: no policy record, so DMARC does not apply.  Alignment is
+        # not worked out: there are no modes to align under and no report
+        # is ever sent, so the walks would be wasted DNS.
+        return outcome(DMARCResultCode.NONE, reason=discovery.detail)
+    if discovery.status is DiscoveryStatus.TEMPERROR:
+        return outcome(DMARCResultCode.TEMPERROR, reason=discovery.detail or "DNS failure")
+    record = discovery.record
+    if discovery.status is DiscoveryStatus.PERMERROR or record is None:
+        return outcome(
+            DMARCResultCode.PERMERROR,
+            reason=discovery.detail or "unusable DMARC record",
+        )
+
+    aligner = _Aligner(author_domain, discovery, discoverer)
+    spf_v = SPFVerdict(spf.mfrom, aligner.spf_alignment(spf.mfrom, record.aspf))
+    dkim_v = tuple(
+        DKIMVerdict(sig, aligner.dkim_alignment(sig, record.adkim)) for sig in dkim.signatures
+    )
+
+    requested = discovery.requested_policy or Policy.NONE
+    policy = requested
+    reasons: tuple[PolicyOverride, ...] = ()
+    if record.testing and requested is not Policy.NONE:
+        # §4.7 t=y: apply the policy one step lower; it changes no reporting.
+        policy = requested.lowered()
+
+    if spf_v.aligned or any(v.aligned for v in dkim_v):
+        return outcome(DMARCResultCode.PASS, policy, spf_v, dkim_v)
+    if aligner.temperror or _temporary_failure_could_align(spf_v, dkim_v, aligner, record):
+        # §5.3.6: a needed lookup failed, so the message neither passes nor
+        # fails, and no policy is applied.
+        return outcome(
+            DMARCResultCode.TEMPERROR,
+            policy,
+            spf_v,
+            dkim_v,
+            reason=aligner.detail or "temporary SPF or DKIM failure on an aligned identifier",
+        )
+    if policy is not requested:
+        reasons = (
+            PolicyOverride(
+                OverrideReason.POLICY_TEST_MODE,
+                f"t=y: {requested.value} applied as {policy.value}",
+            ),
+        )
+    return outcome(DMARCResultCode.FAIL, policy, spf_v, dkim_v, reasons)
+
+
+class _Aligner:
+    """Alignment checks for one Author Domain, sharing the discoverer's walks."""
+
+    def __init__(self, author_domain: str, discovery: PolicyDiscovery, discoverer: Discoverer):
+        self.author_domain = author_domain
+        self.discovery = discovery
+        self.discoverer = discoverer
+        self.temperror = False
+        self.detail = ""
+
+    def _author_od(self) -> str | None:
+        if self.discovery.organizational_domain is not None:
+            return self.discovery.organizational_domain
+        od = self.discoverer.organizational_domain(self.author_domain)
+        if od.temperror:
+            self._fail(od.detail)
+        return od.domain
+
+    def _fail(self, detail: str) -> None:
+        self.temperror = True
+        self.detail = self.detail or detail or "DNS failure during the Organizational Domain walk"
+
+    def alignment(self, identifier: str, mode: AlignmentMode) -> Alignment:
+        """RFC 9989 §4.4: strict is equality; relaxed compares the two
+        Organizational Domains, each found by its own walk (§4.10.2)."""
+        if not identifier:
+            return Alignment.NONE
+        if identifier == self.author_domain:
+            return Alignment.STRICT
+        if mode is AlignmentMode.STRICT:
+            return Alignment.NONE
+        author_od = self._author_od()
+        if author_od is None:
+            return Alignment.NONE
+        # No string short-cut here: a TLD record without psd=y makes
+        # unrelated names share an Organizational Domain (digest E9), and
+        # psd=n can split names that share a suffix (E6).  Only the walk knows.
+        od = self.discoverer.organizational_domain(identifier)
+        if od.temperror:
+            self._fail(od.detail)
+            return Alignment.NONE
+        return Alignment.RELAXED if od.domain == author_od else Alignment.NONE
+
+    def spf_alignment(self, spf: SPFResult, mode: AlignmentMode) -> Alignment:
+        # Only a pass yields an Authenticated Identifier (§4.4.2); the
+        # alignment of a temperror is looked at separately.
+        if spf.result is not SPFResultCode.PASS:
+            return Alignment.NONE
+        return self.alignment(spf.domain, mode)
+
+    def dkim_alignment(self, sig: DKIMSignatureResult, mode: AlignmentMode) -> Alignment:
+        if sig.result is not DKIMResultCode.PASS:
+            return Alignment.NONE
+        return self.alignment(sig.domain, mode)
+
+
+def _temporary_failure_could_align(
+    spf_v: SPFVerdict,
+    dkim_v: tuple[DKIMVerdict, ...],
+    aligner: _Aligner,
+    record: DMARCRecord,
+) -> bool:
+    """[impl choice, digest §4.5] A temperror from SPF or DKIM only prevents a
+    fail verdict when that identifier could have produced an aligned pass."""
+    if spf_v.spf.result is SPFResultCode.TEMPERROR and (
+        aligner.alignment(spf_v.spf.domain, record.aspf) is not Alignment.NONE
+    ):
+        return True
+    return any(
+        v.signature.result is DKIMResultCode.TEMPERROR
+        and aligner.alignment(v.signature.domain, record.adkim) is not Alignment.NONE
+        for v in dkim_v
+    )

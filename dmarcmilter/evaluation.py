@@ -1,0 +1,118 @@
+"""The evaluation core: envelope + message + DNS + configuration → facts.
+
+RFC 9989 §5.3 steps 1-5.  This is the one place that lists the checks and
+their order; the milter, ``dmarcmilter evaluate``, the benchmarks and the
+tests all drive this same function.  It never applies policy: see
+:mod:`dmarcmilter.policy`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+
+from .arc import verify_arc
+from .author import extract_author
+from .config import Config
+from .discovery import Discoverer, DiscoveryMethod, load_psl
+from .dkim import verify_dkim
+from .dmarc import DMARCOutcome, evaluate_dmarc
+from .errors import InputError
+from .message import Message
+from .resolver import DNSSession, Resolver, ResolverSettings
+from .results import ARCOutcome, AuthorResult, DKIMOutcome, SPFOutcome
+from .spf import check_spf
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope (RFC 5321): who connected and what they said."""
+
+    client_ip: str
+    helo: str
+    mail_from: str  # without angle brackets; "" for the null reverse-path
+    rcpt_to: tuple[str, ...] = ()
+    queue_id: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        client_ip: str,
+        helo: str,
+        mail_from: str,
+        rcpt_to: tuple[str, ...] | list[str] = (),
+        queue_id: str = "",
+    ) -> Envelope:
+        """Validate and normalise user-supplied envelope values."""
+        try:
+            ip = ipaddress.ip_address(client_ip.strip())
+        except ValueError:
+            raise InputError(f"invalid client IP address: {client_ip!r}") from None
+        mail_from = mail_from.strip()
+        if mail_from.startswith("<") and mail_from.endswith(">"):
+            mail_from = mail_from[1:-1]
+        return cls(str(ip), helo.strip(), mail_from, tuple(rcpt_to), queue_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """Everything the Authentication-Results header, the history row and the
+    aggregate report need to know about one message."""
+
+    envelope: Envelope
+    author: AuthorResult
+    spf: SPFOutcome
+    dkim: DKIMOutcome
+    arc: ARCOutcome
+    dmarc: DMARCOutcome
+    evaluated_at: dt.datetime
+
+
+def evaluate(
+    envelope: Envelope,
+    message: Message,
+    session: DNSSession,
+    config: Config,
+    *,
+    now: dt.datetime | None = None,
+) -> Evaluation:
+    """Run every check on one message, in the order RFC 9989 §5.3 needs."""
+    evaluated_at = now or dt.datetime.now(dt.UTC)
+    method = DiscoveryMethod(config.dmarc.discovery_method)
+    psl = load_psl(config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
+
+    # 1. The Author Domain (§4.2) decides whether DMARC can apply at all.
+    author = extract_author(message.headers)
+    # 2-3. The Authenticated Identifiers: SPF on MAIL FROM (and HELO), DKIM on
+    # every signature.  ARC is recorded for local policy (trusted forwarders).
+    spf = check_spf(
+        session,
+        envelope.client_ip,
+        envelope.helo,
+        envelope.mail_from,
+        check_helo=config.spf.check_helo,
+    )
+    dkim = verify_dkim(
+        message.raw,
+        session,
+        max_signatures=config.dkim.max_signatures,
+        min_key_bits=config.dkim.min_key_bits,
+    )
+    arc = verify_arc(message.raw, session)
+    # 4-5. Policy discovery, alignment and the DMARC result.
+    dmarc = evaluate_dmarc(author, spf, dkim, Discoverer(session, method, psl))
+    return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at)
+
+
+def resolver_from_config(config: Config) -> Resolver:
+    dns = config.dns
+    return Resolver(
+        ResolverSettings(
+            nameservers=dns.nameservers,
+            port=dns.port,
+            query_timeout=dns.timeout,
+            message_budget=dns.budget,
+            cache_entries=dns.cache_entries,
+        )
+    )
