@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 import dkim
 from dkim.canonicalization import Relaxed as RelaxedCanonicalization
 
-from .dkim import ENGINE_LOGGER, FastVerifyMixin, load_key
-from .domains import DomainError, normalize_domain
+from .dkim import ENGINE_LOGGER, FastVerifyMixin, domain_or_empty, header_text, load_key
 from .resolver import DNSFailure, DNSSession
 from .results import ARCHop, ARCOutcome, ARCResultCode
 
@@ -201,11 +200,11 @@ def _hop(instance: int, found: dict[bytes, dict[bytes, bytes] | bytes]) -> ARCHo
     payload = aar[match.end() :] if match else aar
     return ARCHop(
         instance=instance,
-        sealer_domain=_domain(seal.get(b"d", b"")),
-        sealer_selector=_text(seal.get(b"s", b"")),
-        cv=_text(seal.get(b"cv", b"")).lower(),
-        ams_domain=_domain(ams.get(b"d", b"")),
-        authentication_results=_text(payload),
+        sealer_domain=domain_or_empty(seal.get(b"d", b"")),
+        sealer_selector=header_text(seal.get(b"s", b"")),
+        cv=header_text(seal.get(b"cv", b"")).lower(),
+        ams_domain=domain_or_empty(ams.get(b"d", b"")),
+        authentication_results=header_text(payload),
     )
 
 
@@ -229,17 +228,6 @@ def _unfold(value: bytes) -> bytes:
     if b"\t" in value or b"  " in value:
         value = _WSP.sub(b" ", value)
     return value.strip()
-
-
-def _domain(value: bytes) -> str:
-    try:
-        return normalize_domain(_text(value))
-    except DomainError:
-        return ""
-
-
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "replace").strip()
 
 
 def _name(name: bytes) -> str:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -413,23 +414,10 @@ def _verify_one(
     accept_partial_body: bool,
     now: float,
 ) -> DKIMSignatureResult:
-    info = _loose_tags(header[1])
-    domain = _domain_or_empty(info.get(b"d", b""))
-    selector = _text(info.get(b"s", b""))
-    algorithm = _text(info.get(b"a", b""))
-    identity = _text(info.get(b"i", b""))
-    header_b = _text(_WSP.sub(b"", info.get(b"b", b""))[:_HEADER_B_LEN])
+    shell = _unverifiable(header[1], "")
 
     def result(code: DKIMResultCode, reason: str = "") -> DKIMSignatureResult:
-        return DKIMSignatureResult(
-            domain=domain,
-            selector=selector,
-            result=code,
-            reason=reason,
-            algorithm=algorithm,
-            identity=identity,
-            header_b=header_b,
-        )
+        return dataclasses.replace(shell, result=code, reason=reason)
 
     try:
         code, reason = _check(engine, header, session, min_key_bits, accept_partial_body, now)
@@ -504,36 +492,36 @@ def _parse_signature(value: bytes) -> dict[bytes, bytes]:
     try:
         tags: dict[bytes, bytes] = dkim.util.parse_tag_value(value)
     except dkim.util.DuplicateTag as exc:
-        raise _permerror(f"duplicate tag {_text(exc.args[0])}=") from None
+        raise _permerror(f"duplicate tag {header_text(exc.args[0])}=") from None
     except dkim.util.InvalidTagValueList:
         raise _permerror("malformed tag list") from None
     for tag in _REQUIRED_TAGS:
         if tag not in tags:
             raise _permerror(f"signature missing required tag {tag.decode()}=")
     if tags[b"v"] != b"1":
-        raise _permerror(f"incompatible version v={_text(tags[b'v'])}")
+        raise _permerror(f"incompatible version v={header_text(tags[b'v'])}")
     alg = tags[b"a"].lower()
     if alg == b"rsa-sha1":
         raise _permerror("rsa-sha1 is not acceptable (RFC 8301)")
     if alg not in _ALGORITHMS:
-        raise _permerror(f"unsupported algorithm a={_text(tags[b'a'])}")
+        raise _permerror(f"unsupported algorithm a={header_text(tags[b'a'])}")
     tags[b"a"] = alg
     for tag in (b"b", b"bh"):
         if not _b64_decode(tags[tag]):
             raise _permerror(f"{tag.decode()}= is empty or not valid base64")
-    domain = _domain_or_empty(tags[b"d"])
+    domain = domain_or_empty(tags[b"d"])
     if not domain:
-        raise _permerror(f"invalid d={_text(tags[b'd'])}")
+        raise _permerror(f"invalid d={header_text(tags[b'd'])}")
     try:
-        normalize_domain(_text(tags[b"s"]))
+        normalize_domain(header_text(tags[b"s"]))
     except DomainError:
-        raise _permerror(f"invalid s={_text(tags[b's'])}") from None
+        raise _permerror(f"invalid s={header_text(tags[b's'])}") from None
     try:
         CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
     except InvalidCanonicalizationPolicyError:
-        raise _permerror(f"invalid c={_text(tags[b'c'])}") from None
+        raise _permerror(f"invalid c={header_text(tags[b'c'])}") from None
     if b"q" in tags and b"dns/txt" not in [q.strip() for q in tags[b"q"].split(b":")]:
-        raise _permerror(f"unsupported query method q={_text(tags[b'q'])}")
+        raise _permerror(f"unsupported query method q={header_text(tags[b'q'])}")
     if b"i" in tags:
         _check_identity(tags[b"i"], domain)
     signed = [h.strip().lower() for h in tags[b"h"].split(b":")]
@@ -554,9 +542,9 @@ def _check_identity(value: bytes, domain: str) -> None:
     if not at:
         raise _permerror("i= has no @")
     try:
-        auid_domain = normalize_domain(_text(host))
+        auid_domain = normalize_domain(header_text(host))
     except DomainError:
-        raise _permerror(f"invalid i={_text(value)}") from None
+        raise _permerror(f"invalid i={header_text(value)}") from None
     if auid_domain != domain and not auid_domain.endswith("." + domain):
         raise _permerror("i= domain is not within d=")
 
@@ -581,9 +569,9 @@ def _fetch_key(
     min_key_bits: int,
 ) -> KeyRecord:
     """RFC 6376 §6.1.2: the key record, checked against the signature."""
-    domain = _domain_or_empty(tags[b"d"])
+    domain = domain_or_empty(tags[b"d"])
     try:
-        qname = normalize_domain(f"{_text(tags[b's'])}._domainkey.{domain}")
+        qname = normalize_domain(f"{header_text(tags[b's'])}._domainkey.{domain}")
     except DomainError:
         raise _permerror("key name too long") from None
     # The session is queried directly rather than through the dkimpy dnsfunc
@@ -606,11 +594,13 @@ def _fetch_key(
     if key.hashes is not None and hash_name not in key.hashes:
         raise _permerror("inappropriate hash algorithm for key (h=)")
     if key.key_type != key_type:
-        raise _permerror(f"key type k={_text(key.key_type)} does not match a={_text(tags[b'a'])}")
+        raise _permerror(
+            f"key type k={header_text(key.key_type)} does not match a={header_text(tags[b'a'])}"
+        )
     if not key.email:
         raise _permerror("key not for email (s=)")
     if key.strict and b"i" in tags:
-        auid_domain = _domain_or_empty(tags[b"i"].rpartition(b"@")[2])
+        auid_domain = domain_or_empty(tags[b"i"].rpartition(b"@")[2])
         if auid_domain != domain:
             raise _permerror("key requires i= domain to equal d= (t=s)")
     if key.key_type == b"rsa" and key.bits < min_key_bits:
@@ -634,7 +624,7 @@ def load_key(record: bytes) -> KeyRecord:
         hashes = tuple(h.strip().lower() for h in tags[b"h"].split(b":"))
     key_type = tags.get(b"k", b"rsa").strip().lower()
     if key_type not in (b"rsa", b"ed25519"):
-        return KeyRecord(f"unknown key type k={_text(key_type)}")
+        return KeyRecord(f"unknown key type k={header_text(key_type)}")
     services = [v.strip().lower() for v in tags.get(b"s", b"*").split(b":")]
     flags = [f.strip().lower() for f in tags.get(b"t", b"").split(b":")]
     if b"p" not in tags:
@@ -697,13 +687,13 @@ def _loose_tags(value: bytes) -> dict[bytes, bytes]:
 def _unverifiable(value: bytes, reason: str) -> DKIMSignatureResult:
     info = _loose_tags(value)
     return DKIMSignatureResult(
-        domain=_domain_or_empty(info.get(b"d", b"")),
-        selector=_text(info.get(b"s", b"")),
+        domain=domain_or_empty(info.get(b"d", b"")),
+        selector=header_text(info.get(b"s", b"")),
         result=DKIMResultCode.PERMERROR,
         reason=reason,
-        algorithm=_text(info.get(b"a", b"")),
-        identity=_text(info.get(b"i", b"")),
-        header_b=_text(_WSP.sub(b"", info.get(b"b", b""))[:_HEADER_B_LEN]),
+        algorithm=header_text(info.get(b"a", b"")),
+        identity=header_text(info.get(b"i", b"")),
+        header_b=header_text(_WSP.sub(b"", info.get(b"b", b""))[:_HEADER_B_LEN]),
     )
 
 
@@ -730,14 +720,14 @@ def _scan_signature_values(message: bytes) -> list[bytes]:
     return values
 
 
-def _domain_or_empty(value: bytes) -> str:
+def domain_or_empty(value: bytes) -> str:
     try:
-        return normalize_domain(_text(value))
+        return normalize_domain(header_text(value))
     except DomainError:
         return ""
 
 
-def _text(value: bytes) -> str:
+def header_text(value: bytes) -> str:
     # Header bytes are ASCII or UTF-8 (RFC 6532); anything else is replaced so
     # a report can always be written.
     return value.decode("utf-8", "replace").strip()
