@@ -10,6 +10,7 @@ import pytest
 
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from tests.dnsserver import TestDNSServer
+from tests.pgserver import PostgresServer, PostgresUnavailable, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -53,3 +54,35 @@ def resolver(dns_server: TestDNSServer) -> Resolver:
             message_budget=5.0,
         )
     )
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the session (skipped outside CI if unavailable)."""
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL unavailable, skipping: {exc}")
+    env = pytest.MonkeyPatch()
+    env.setenv("DMARCMILTER_TEST_PG_URL", server.url)
+    try:
+        yield server
+    finally:
+        env.undo()
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster: PostgresServer) -> str:
+    """SQLAlchemy URL of the test database; also exported as $DMARCMILTER_TEST_PG_URL."""
+    return pg_cluster.url
+
+
+@pytest.fixture
+def pg_server(pg_cluster: PostgresServer) -> Iterator[PostgresServer]:
+    """The session's cluster, for tests that stop() and start() it; running again afterwards."""
+    pg_cluster.start()
+    yield pg_cluster
+    pg_cluster.start()
