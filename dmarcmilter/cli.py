@@ -2,22 +2,25 @@
 
 ``check`` shows what a receiver discovers for a domain; ``evaluate`` runs the
 whole evaluation of one stored message.  Both are thin drivers of the same
-core the milter uses.  Bad input ends with one line on stderr and exit
-status 2, never a traceback.
+core the milter uses.  ``db upgrade|status|prune`` manage the history
+store.  Bad input ends with one line on stderr and exit status 2, never a
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
 from .authresults import render
-from .config import Config, load_config
+from .config import Config, load_config, parse_database_url
 from .discovery import Discoverer, DiscoveryMethod, DiscoveryStatus, load_psl
 from .domains import DomainError, normalize_domain
 from .errors import DmarcMilterError, InputError
@@ -66,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rcpt-to", action="append", default=[], metavar="ADDR")
     ev.add_argument("--authserv-id", metavar="ID", help="authserv-id for Authentication-Results")
     common(ev)
+
+    db = sub.add_parser("db", help="manage the history database")
+    db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+
+    def db_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        p.add_argument("--url", metavar="URL", help="database URL (overrides database.url)")
+
+    db_common(db_sub.add_parser("upgrade", help="migrate the database to the newest schema"))
+    db_common(
+        db_sub.add_parser(
+            "status", help="show the schema revision (exit 1 when an upgrade is needed)"
+        )
+    )
+    prune = db_sub.add_parser("prune", help="delete messages older than a given age")
+    prune.add_argument(
+        "--older-than", required=True, metavar="AGE", help="age such as 30d, 12h or 8w"
+    )
+    db_common(prune)
     return parser
 
 
@@ -215,14 +237,75 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_AGE = re.compile(r"([0-9]{1,6})([hdw])")
+_AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_age(text: str) -> dt.timedelta:
+    """``30d``, ``12h`` or ``8w`` as a timedelta; InputError otherwise."""
+    match = _AGE.fullmatch(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise InputError(
+            f"--older-than: expected a positive number of hours, days or weeks "
+            f"such as 12h, 30d or 8w, got {text!r}"
+        )
+    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    if args.url:
+        try:
+            parse_database_url(args.url)
+        except ValueError as exc:
+            raise InputError(f"--url: {exc}") from None
+        return str(args.url)
+    return load_config(args.config).database_url()
+
+
+def _shown(url: str) -> str:
+    return parse_database_url(url).render_as_string(hide_password=True)
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    # Imported here: the other commands should not pay for Alembic.
+    from .history import db
+
+    age = parse_age(args.older_than) if args.db_command == "prune" else None
+    url = _database_url(args)
+    if args.db_command == "upgrade":
+        before, head = db.schema_status(url)
+        db.upgrade(url)
+        if before == head:
+            print(f"{_shown(url)}: schema already at {head}")
+        else:
+            print(f"{_shown(url)}: schema upgraded from {before or 'empty'} to {head}")
+        return EXIT_OK
+    if args.db_command == "status":
+        current, head = db.schema_status(url)
+        print(f"Database:        {_shown(url)}")
+        print(f"Schema revision: {current or '- (empty database)'}")
+        print(f"Newest revision: {head}")
+        if current != head:
+            print("Run `dmarcmilter db upgrade`.")
+            return EXIT_ERROR
+        return EXIT_OK
+    assert age is not None
+    deleted = db.prune(url, age)
+    print(f"{_shown(url)}: deleted {deleted} message(s) older than {args.older_than}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"check": cmd_check, "evaluate": cmd_evaluate}
+    handlers = {"check": cmd_check, "evaluate": cmd_evaluate, "db": cmd_db}
     try:
         return handlers[args.command](args)
     except (InputError, DmarcMilterError) as exc:
-        print(f"dmarcmilter {args.command}: error: {exc}", file=sys.stderr)
+        command = args.command
+        if command == "db":
+            command = f"db {args.db_command}"
+        print(f"dmarcmilter {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

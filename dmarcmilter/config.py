@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import socket
 import tomllib
 import types
@@ -18,7 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
 from .errors import ConfigError
+
+# The state directory of a system installation, used when it is writable.
+SYSTEM_STATE_DIR = "/var/lib/dmarcmilter"
+# Where an unprivileged run without a configuration keeps its state,
+# relative to the working directory.
+LOCAL_STATE_DIR = "state"
+HISTORY_FILE = "history.sqlite3"
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 
 def _opt(
@@ -71,6 +83,20 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class PathsConfig:
+    # Empty: /var/lib/dmarcmilter when this process may write there, else
+    # ./state, so a first unprivileged run works without configuration.
+    state_dir: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # SQLAlchemy URL of the history store.  Empty: an SQLite file
+    # history.sqlite3 in the state directory.
+    url: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     # The authserv-id of our Authentication-Results; empty: this host's name.
     authserv_id: str = ""
@@ -79,9 +105,44 @@ class Config:
     spf: SPFConfig = field(default_factory=SPFConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
 
     def effective_authserv_id(self) -> str:
         return self.authserv_id or socket.getfqdn()
+
+    def effective_state_dir(self) -> Path:
+        if self.paths.state_dir:
+            return Path(self.paths.state_dir)
+        system = Path(SYSTEM_STATE_DIR)
+        if _writable_dir(system):
+            return system
+        return Path.cwd() / LOCAL_STATE_DIR
+
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.effective_state_dir() / HISTORY_FILE}"
+
+
+def _writable_dir(path: Path) -> bool:
+    """Whether ``path`` is, or could be created as, a directory we can write."""
+    if path.exists():
+        return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    parent = path.parent
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
+def parse_database_url(url: str) -> URL:
+    """``url`` parsed; ValueError unless it is an SQLite or PostgreSQL URL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"not a database URL: {url!r}") from None
+    backend = parsed.get_backend_name()
+    if backend not in DATABASE_BACKENDS:
+        raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
+    return parsed
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -110,6 +171,11 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
             raise ConfigError(
                 f"{source}: dns.nameservers: {server!r} is not an IP address"
             ) from None
+    if config.database.url:
+        try:
+            parse_database_url(config.database.url)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: database.url: {exc}") from None
     return config
 
 

@@ -24,3 +24,12 @@ class DNSBudgetExceeded(DmarcMilterError):
 
     Checks translate this into a temperror result at the point of the call.
     """
+
+
+class DatabaseError(DmarcMilterError):
+    """The history database cannot be opened, read or written."""
+
+
+class SchemaError(DatabaseError):
+    """The history database is not at the schema this version needs; the
+    message says what to run."""

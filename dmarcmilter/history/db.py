@@ -1,0 +1,180 @@
+"""Opening, migrating, checking and pruning the history database.
+
+The Alembic configuration is built here in code, pointing at the migration
+scripts shipped inside the package, so no alembic.ini is needed at runtime.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import create_engine, delete, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..config import parse_database_url
+from ..errors import DatabaseError, SchemaError
+from .models import DKIMResultRow, MessageRow, OverrideReasonRow
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+# Rows deleted per transaction when pruning: small enough that the milter's
+# writer never waits long for the SQLite write lock.
+PRUNE_BATCH = 1000
+BUSY_TIMEOUT_MS = 5000
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; for SQLite, the file's directory is created and
+    every connection is set up for one writer and many readers."""
+    parsed = parse_database_url(url)
+    if parsed.drivername == "postgresql":
+        # The bare scheme means psycopg2 to SQLAlchemy; psycopg 3 is the
+        # driver dmarcmilter depends on.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    database = parsed.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        directory = Path(database).parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(
+                f"cannot create the database directory {directory}: {exc.strerror or exc}"
+            ) from None
+    engine = create_engine(parsed)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets report queries read while the milter writes; NORMAL is
+        # durable across application crashes, which is what WAL needs.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # SQLite ignores ON DELETE CASCADE unless asked to enforce keys.
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    # ConfigParser interpolation would mangle a %-escaped password.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None, "the package ships at least one migration"
+    return head
+
+
+def upgrade(url: str) -> None:
+    """Migrate the database at ``url`` to the newest schema."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            config = alembic_config(url)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except CommandError:
+        # Alembic cannot place the stored revision: a newer dmarcmilter, or
+        # another application's alembic_version table in the same database.
+        current, head = schema_status(url)
+        raise SchemaError(
+            f"database schema is at {current}, which this dmarcmilter (newest "
+            f"revision {head}) does not know: is a newer version using this database?"
+        ) from None
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot upgrade the database: {_short(exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def schema_status(url: str) -> tuple[str | None, str]:
+    """(the database's revision, None when unmigrated; the newest revision)."""
+    if _missing_sqlite_file(url):
+        # Asking must not create an empty database file as a side effect.
+        return None, head_revision()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the database: {_short(exc)}") from None
+    finally:
+        engine.dispose()
+    return current, head_revision()
+
+
+def check_schema(url: str) -> None:
+    """Raise SchemaError unless the database is at the newest revision."""
+    current, head = schema_status(url)
+    if current != head:
+        raise SchemaError(
+            f"database schema is at {current or 'nothing (empty database)'}, "
+            f"this dmarcmilter needs {head}: run `dmarcmilter db upgrade`"
+        )
+
+
+def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
+    """Delete messages that arrived more than ``older_than`` ago, with their
+    DKIM results and override reasons; return the number of messages."""
+    check_schema(url)
+    # UTC, like the stored values: SQLite compares the text, offset dropped.
+    cutoff = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC) - older_than
+    engine = make_engine(url)
+    total = 0
+    try:
+        while True:
+            # One bounded batch per transaction, so the write lock is held
+            # briefly and a huge backlog never builds a huge transaction.
+            with engine.begin() as conn:
+                ids = list(
+                    conn.scalars(
+                        select(MessageRow.id)
+                        .where(MessageRow.arrived_at < cutoff)
+                        .order_by(MessageRow.arrived_at)
+                        .limit(PRUNE_BATCH)
+                    )
+                )
+                if not ids:
+                    break
+                # Children first and explicitly: correct even where foreign
+                # keys are not enforced (an SQLite connection opened elsewhere).
+                for child in (DKIMResultRow, OverrideReasonRow):
+                    conn.execute(delete(child).where(child.message_id.in_(ids)))
+                conn.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
+                total += len(ids)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot prune the database: {_short(exc)}") from None
+    finally:
+        engine.dispose()
+    return total
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    parsed = parse_database_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return False
+    return not database.startswith("file:") and not Path(database).exists()
+
+
+def _short(exc: SQLAlchemyError) -> str:
+    # The driver's own message, without SQLAlchemy's SQL echo and links.
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0]

@@ -1,0 +1,538 @@
+"""The history store's foundation: migrations, schema checks, row conversion,
+pruning and the ``dmarcmilter db`` commands.
+
+The migrations are run from an empty database and compared with the models
+by Alembic's own autogenerate comparison, on SQLite always and on PostgreSQL
+when PostgreSQL is available: the database ``DMARCMILTER_TEST_PG_URL`` names,
+else the throwaway cluster of ``tests/pgserver.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from dmarcmilter.config import Config, DNSConfig, config_from_mapping
+from dmarcmilter.errors import ConfigError, SchemaError
+from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
+from dmarcmilter.history import db
+from dmarcmilter.history.models import Base, DKIMResultRow, MessageRow, OverrideReasonRow
+from dmarcmilter.history.rows import message_from_row, message_row, new_idempotency_key
+from dmarcmilter.message import Message
+from dmarcmilter.policy import Decision, decide
+from dmarcmilter.resolver import Resolver
+from tests.dnsserver import TestDNSServer
+from tests.signing import dkim_sign, dkim_zone, make_message
+
+NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+PG_ENV = "DMARCMILTER_TEST_PG_URL"
+
+ZONE: dict[str, Any] = {
+    "example.com": [("A", "192.0.2.80"), ("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+    "bounce.example.com": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+    "mx.example.com": [("A", "192.0.2.1")],
+    "_dmarc.example.com": [
+        ("TXT", "v=DMARC1; p=reject; sp=quarantine; rua=mailto:a@example.com,mailto:b@x.example")
+    ],
+    "thirdparty.example": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+    **dkim_zone("example.com", "s1"),
+    **dkim_zone("thirdparty.example", "esp", "ed25519"),
+}
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    # A subdirectory that does not exist yet: make_engine must create it.
+    return sqlite_url(tmp_path / "state" / "history.sqlite3")
+
+
+@pytest.fixture
+def pg_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A PostgreSQL database, empty at the start and at the end of each test:
+    the one $DMARCMILTER_TEST_PG_URL names, else the suite's throwaway
+    cluster (``pg_url`` in conftest.py, which skips with the reason when
+    PostgreSQL is unavailable outside CI)."""
+    url = os.environ.get(PG_ENV) or str(request.getfixturevalue("pg_url"))
+    # Start and end with an empty schema, whatever an earlier run left
+    # (even a revision Alembic does not know, so not via a downgrade).
+    drop_all(url)
+    yield url
+    drop_all(url)
+
+
+def drop_all(url: str) -> None:
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as conn:
+            Base.metadata.drop_all(conn)
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated database: SQLite, and PostgreSQL when one is configured."""
+    if request.param == "postgresql":
+        url = str(request.getfixturevalue("pg_db"))
+    else:
+        url = sqlite_url(tmp_path / "state" / "history.sqlite3")
+    db.upgrade(url)
+    return url
+
+
+def schema_diffs(url: str) -> list[Any]:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, Base.metadata))
+    finally:
+        engine.dispose()
+
+
+# -- migrations ---------------------------------------------------------------
+
+
+def test_migrations_from_empty_sqlite_match_models(url: str) -> None:
+    db.upgrade(url)
+    assert schema_diffs(url) == []
+    assert db.schema_status(url) == ("0001", "0001")
+    db.check_schema(url)
+
+
+def test_sqlite_connections_are_set_up(url: str) -> None:
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            pragmas = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "busy_timeout", "synchronous", "foreign_keys")
+            }
+    finally:
+        engine.dispose()
+    # synchronous: 1 is NORMAL.
+    assert pragmas == {
+        "journal_mode": "wal",
+        "busy_timeout": 5000,
+        "synchronous": 1,
+        "foreign_keys": 1,
+    }
+
+
+def test_upgrade_is_idempotent(migrated: str) -> None:
+    db.upgrade(migrated)
+    assert db.schema_status(migrated) == ("0001", "0001")
+
+
+def test_indexes_and_cascades(migrated: str) -> None:
+    engine = db.make_engine(migrated)
+    try:
+        insp = inspect(engine)
+        indexes = {ix["name"]: ix["column_names"] for ix in insp.get_indexes("messages")}
+        assert indexes["ix_messages_policy_domain_arrived_at"] == ["policy_domain", "arrived_at"]
+        assert indexes["ix_messages_arrived_at"] == ["arrived_at"]
+        uniques = insp.get_unique_constraints("messages")
+        assert [u["column_names"] for u in uniques] == [["idempotency_key"]]
+        for table in ("dkim_results", "override_reasons"):
+            (fk,) = insp.get_foreign_keys(table)
+            assert fk["referred_table"] == "messages"
+            assert fk["options"].get("ondelete") == "CASCADE"
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_empty_and_back(migrated: str) -> None:
+    command.downgrade(db.alembic_config(migrated), "base")
+    assert db.schema_status(migrated) == (None, "0001")
+    db.upgrade(migrated)
+    assert schema_diffs(migrated) == []
+
+
+def test_migrations_from_empty_postgresql_match_models(pg_db: str) -> None:
+    with pytest.raises(SchemaError):
+        db.check_schema(pg_db)
+    db.upgrade(pg_db)
+    assert schema_diffs(pg_db) == []
+    db.check_schema(pg_db)
+
+
+# -- schema checks ------------------------------------------------------------
+
+
+def test_check_schema_on_empty_database(url: str, tmp_path: Path) -> None:
+    with pytest.raises(SchemaError) as info:
+        db.check_schema(url)
+    assert str(info.value) == (
+        "database schema is at nothing (empty database), this dmarcmilter needs 0001: "
+        "run `dmarcmilter db upgrade`"
+    )
+    # Asking did not create the file.
+    assert not (tmp_path / "state" / "history.sqlite3").exists()
+
+
+def test_check_schema_on_unknown_revision(migrated: str) -> None:
+    # A database stamped with a revision this version does not have, as a
+    # newer dmarcmilter would leave it.
+    engine = db.make_engine(migrated)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    finally:
+        engine.dispose()
+    with pytest.raises(
+        SchemaError,
+        match=r"^database schema is at 0000, this dmarcmilter needs 0001: "
+        r"run `dmarcmilter db upgrade`$",
+    ):
+        db.check_schema(migrated)
+    with pytest.raises(SchemaError, match=r"^database schema is at 0000, which this dmarcmilter"):
+        db.upgrade(migrated)
+    proc = cli("upgrade", "--url", migrated)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("dmarcmilter db upgrade: error: database schema is at 0000")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+# -- rows ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def zone(dns_server: TestDNSServer) -> TestDNSServer:
+    dns_server.set_zone(ZONE)
+    return dns_server
+
+
+def run(
+    resolver: Resolver,
+    server: TestDNSServer,
+    message: bytes,
+    *,
+    mail_from: str = "bounce@bounce.example.com",
+    rcpt: tuple[str, ...] = ("user@Receiver.Example", "other@elsewhere.example"),
+) -> tuple[Evaluation, Decision]:
+    config = Config(dns=DNSConfig(nameservers=("127.0.0.1",), port=server.port, timeout=0.5))
+    envelope = Envelope.create("192.0.2.1", "mx.example.com", mail_from, rcpt, "4XyZ1")
+    ev = evaluate(envelope, Message.from_bytes(message), resolver.session(), config, now=NOW)
+    return ev, decide(ev, config.policy)
+
+
+def insert(url: str, row: dict[str, Any]) -> int:
+    engine = db.make_engine(url)
+    try:
+        with Session(engine) as session, session.begin():
+            message = message_from_row(row)
+            session.add(message)
+            session.flush()
+            return message.id
+    finally:
+        engine.dispose()
+
+
+def stored(url: str, message_id: int) -> dict[str, Any]:
+    """The stored message and children, in message_row's shape."""
+    engine = db.make_engine(url)
+    try:
+        with Session(engine) as session:
+            m = session.get_one(MessageRow, message_id)
+            data = {c.key: getattr(m, c.key) for c in MessageRow.__table__.columns}
+            del data["id"]
+            # SQLite returns naive datetimes (the column stores UTC);
+            # PostgreSQL returns them in the session's time zone.
+            arrived = data["arrived_at"]
+            if arrived.tzinfo is None:
+                arrived = arrived.replace(tzinfo=dt.UTC)
+            data["arrived_at"] = arrived.astimezone(dt.UTC).isoformat()
+            data["dkim_results"] = [
+                {
+                    "domain": d.domain,
+                    "selector": d.selector,
+                    "result": d.result,
+                    "human_result": d.human_result,
+                }
+                for d in m.dkim_results
+            ]
+            data["override_reasons"] = [
+                {"type": r.type, "comment": r.comment} for r in m.override_reasons
+            ]
+            return data
+    finally:
+        engine.dispose()
+
+
+def test_message_row_aligned_pass_round_trips(
+    zone: TestDNSServer, resolver: Resolver, migrated: str
+) -> None:
+    msg = dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
+    msg = dkim_sign(msg, "thirdparty.example", "esp", "ed25519")
+    ev, decision = run(resolver, zone, msg)
+    row = message_row(ev, decision, key="0" * 32)
+    # The row is plain data: what the writer spools is what it inserts.
+    assert json.loads(json.dumps(row)) == row
+    assert row["idempotency_key"] == "0" * 32
+    assert row["arrived_at"] == "2026-05-01T12:00:00+00:00"
+    assert row["queue_id"] == "4XyZ1"
+    assert row["envelope_from_domain"] == "bounce.example.com"
+    assert row["envelope_to_domain"] == "receiver.example"
+    assert row["header_from_domain"] == "example.com"
+    assert row["policy_domain"] == "example.com"
+    assert row["org_domain"] == "example.com"
+    assert (row["p"], row["sp"], row["np"]) == ("reject", "quarantine", None)
+    assert (row["adkim"], row["aspf"], row["testing"], row["psd"]) == ("r", "r", "n", "u")
+    assert row["rua"] == "mailto:a@example.com,mailto:b@x.example"
+    assert row["ruf"] == ""
+    assert row["discovery_method"] == "treewalk"
+    assert (row["dmarc_result"], row["policy_evaluated"], row["disposition"]) == (
+        "pass",
+        "reject",
+        "pass",
+    )
+    assert row["dkim_aligned"] is True
+    assert row["spf_aligned"] is True
+    assert (row["spf_domain"], row["spf_scope"], row["spf_result"]) == (
+        "bounce.example.com",
+        "mfrom",
+        "pass",
+    )
+    assert row["arc_result"] == "none"
+    # The aligned signature first, whatever the message's order.
+    assert [d["domain"] for d in row["dkim_results"]] == ["example.com", "thirdparty.example"]
+    assert row["dkim_summary"] == (
+        '[["example.com","s1","pass"],["thirdparty.example","esp","pass"]]'
+    )
+    assert row["reasons_summary"] == "[]"
+    message_id = insert(migrated, row)
+    assert stored(migrated, message_id) == row
+
+
+def test_message_row_failure_with_override_round_trips(
+    zone: TestDNSServer, resolver: Resolver, migrated: str
+) -> None:
+    # Unsigned, and the MAIL FROM is the null path: SPF checks the HELO.
+    ev, decision = run(resolver, zone, make_message(from_="alice@example.com"), mail_from="")
+    row = message_row(ev, decision)
+    assert len(row["idempotency_key"]) == 32
+    assert row["envelope_from_domain"] == ""
+    assert row["dmarc_result"] == "fail"
+    assert row["disposition"] == "quarantine"
+    assert row["dkim_results"] == []
+    assert row["dkim_summary"] == "[]"
+    assert [r["type"] for r in row["override_reasons"]] == ["local_policy"]
+    assert json.loads(row["reasons_summary"]) == [
+        [r["type"], r["comment"]] for r in row["override_reasons"]
+    ]
+    message_id = insert(migrated, row)
+    assert stored(migrated, message_id) == row
+
+
+def test_message_row_without_policy(zone: TestDNSServer, resolver: Resolver, migrated: str) -> None:
+    ev, decision = run(resolver, zone, make_message(from_="bob@nowhere.example"), rcpt=())
+    row = message_row(ev, decision)
+    assert row["policy_domain"] is None
+    assert row["p"] is None and row["rua"] is None and row["testing"] is None
+    assert row["envelope_to_domain"] is None
+    assert row["dmarc_result"] == "none"
+    assert stored(migrated, insert(migrated, row)) == row
+
+
+def test_idempotency_key_is_unique(migrated: str, zone: TestDNSServer, resolver: Resolver) -> None:
+    ev, decision = run(resolver, zone, make_message(from_="alice@example.com"))
+    key = new_idempotency_key()
+    assert len(key) == 32 and int(key, 16) >= 0
+    insert(migrated, message_row(ev, decision, key=key))
+    with pytest.raises(IntegrityError):
+        insert(migrated, message_row(ev, decision, key=key))
+
+
+# -- pruning ------------------------------------------------------------------
+
+
+def test_prune_deletes_old_messages_and_children(
+    zone: TestDNSServer, resolver: Resolver, migrated: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "PRUNE_BATCH", 2)  # several batches
+    msg = dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
+    ev, decision = run(resolver, zone, msg)
+    fail_ev, fail_decision = run(
+        resolver, zone, make_message(from_="alice@example.com"), mail_from="b@thirdparty.example"
+    )
+    base = message_row(ev, decision)
+    fail = message_row(fail_ev, fail_decision)
+    ids = {}
+    for days in (0, 1, 29, 31, 40, 45, 90):
+        for name, template in (("pass", base), ("fail", fail)):
+            row = dict(template, idempotency_key=new_idempotency_key())
+            row["arrived_at"] = (NOW - dt.timedelta(days=days)).isoformat()
+            ids[(days, name)] = insert(migrated, row)
+    deleted = db.prune(migrated, dt.timedelta(days=30), now=NOW)
+    assert deleted == 8
+    engine = db.make_engine(migrated)
+    try:
+        with Session(engine) as session:
+            left = set(session.scalars(select(MessageRow.id)))
+            assert left == {ids[(d, n)] for d in (0, 1, 29) for n in ("pass", "fail")}
+            dkim_owners = set(session.scalars(select(DKIMResultRow.message_id)))
+            reason_owners = set(session.scalars(select(OverrideReasonRow.message_id)))
+            assert dkim_owners == {ids[(d, "pass")] for d in (0, 1, 29)}
+            assert reason_owners == {ids[(d, "fail")] for d in (0, 1, 29)}
+    finally:
+        engine.dispose()
+    assert db.prune(migrated, dt.timedelta(days=30), now=NOW) == 0
+
+
+def test_cascade_deletes_children(zone: TestDNSServer, resolver: Resolver, migrated: str) -> None:
+    ev, decision = run(
+        resolver, zone, dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
+    )
+    message_id = insert(migrated, message_row(ev, decision))
+    engine = db.make_engine(migrated)
+    try:
+        with engine.begin() as conn:
+            conn.execute(MessageRow.__table__.delete().where(MessageRow.id == message_id))
+            count = conn.scalar(select(func.count()).select_from(DKIMResultRow))
+        assert count == 0
+    finally:
+        engine.dispose()
+
+
+def test_prune_needs_current_schema(url: str) -> None:
+    with pytest.raises(SchemaError):
+        db.prune(url, dt.timedelta(days=1))
+
+
+# -- configuration ------------------------------------------------------------
+
+
+def test_database_url_defaults_to_state_dir(tmp_path: Path) -> None:
+    config = config_from_mapping({"paths": {"state_dir": str(tmp_path)}})
+    assert config.database_url() == f"sqlite:///{tmp_path}/history.sqlite3"
+    config = config_from_mapping({"database": {"url": "postgresql://u@db/dmarc"}})
+    assert config.database_url() == "postgresql://u@db/dmarc"
+
+
+def test_default_state_dir_is_usable() -> None:
+    state = Config().effective_state_dir()
+    assert state in (Path("/var/lib/dmarcmilter"), Path.cwd() / "state")
+
+
+@pytest.mark.parametrize("bad", ["not a url", "mysql://u@h/db", "://"])
+def test_invalid_database_url_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"^x\.toml: database\.url: "):
+        config_from_mapping({"database": {"url": bad}}, "x.toml")
+
+
+# -- command line -------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dmarcmilter", "db", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+
+
+def test_cli_upgrade_status_prune(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "db" / "h.sqlite3")
+    proc = cli("status", "--url", url)
+    assert proc.returncode == 1, proc.stderr
+    assert "Schema revision: - (empty database)" in proc.stdout
+    proc = cli("upgrade", "--url", url)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{url}: schema upgraded from empty to 0001\n"
+    proc = cli("upgrade", "--url", url)
+    assert proc.stdout == f"{url}: schema already at 0001\n"
+    proc = cli("status", "--url", url)
+    assert proc.returncode == 0, proc.stderr
+    assert "Schema revision: 0001" in proc.stdout
+    for age in ("30d", "12h", "8w"):
+        proc = cli("prune", "--older-than", age, "--url", url)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == f"{url}: deleted 0 message(s) older than {age}\n"
+
+
+def test_cli_uses_config_file(tmp_path: Path) -> None:
+    conf = tmp_path / "d.toml"
+    conf.write_text(f'[paths]\nstate_dir = "{tmp_path / "st"}"\n')
+    proc = cli("upgrade", "--config", str(conf))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "st" / "history.sqlite3").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("prune", "--older-than", "30"), "--older-than: expected a positive number"),
+        (("prune", "--older-than", "3x"), "--older-than: expected a positive number"),
+        (("prune", "--older-than", "0d"), "--older-than: expected a positive number"),
+        (("prune", "--older-than=-1d"), "--older-than: expected a positive number"),
+        (("status", "--url", "mysql://h/db"), "--url: unsupported database 'mysql'"),
+        (("status", "--url", "nonsense"), "--url: not a database URL"),
+        (("upgrade", "--config", "/nonexistent.toml"), "/nonexistent.toml: file not found"),
+        (
+            ("prune", "--older-than", "30d", "--url", "sqlite:///{tmp}/x.db"),
+            "database schema is at nothing",
+        ),
+        (("frobnicate",), "invalid choice"),
+        (("prune",), "required: --older-than"),
+    ],
+)
+def test_cli_bad_input(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    proc = cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert lines[0].startswith("dmarcmilter")
+
+
+def test_client_supplied_values_of_any_length_insert(
+    zone: TestDNSServer, resolver: Resolver, migrated: str
+) -> None:
+    # HELO, envelope domains, queue ids and DKIM d=/s= come from the client
+    # or the message unvalidated; PostgreSQL would refuse an over-long VARCHAR.
+    msg = dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
+    ev, decision = run(resolver, zone, msg)
+    row = message_row(ev, decision)
+    long = "x" * 2000
+    row.update(
+        helo=long,
+        queue_id=long,
+        envelope_from_domain=long,
+        envelope_to_domain=long,
+        spf_domain=long,
+    )
+    row["dkim_results"][0].update(domain=long, selector=long)
+    assert stored(migrated, insert(migrated, row)) == row
+
+
+def test_arrival_time_is_stored_in_utc(
+    zone: TestDNSServer, resolver: Resolver, migrated: str
+) -> None:
+    ev, decision = run(resolver, zone, make_message(from_="alice@example.com"))
+    row = message_row(ev, decision)
+    row["arrived_at"] = "2026-05-01T14:00:00+02:00"
+    assert stored(migrated, insert(migrated, row))["arrived_at"] == "2026-05-01T12:00:00+00:00"
