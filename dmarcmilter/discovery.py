@@ -194,6 +194,15 @@ def _suffixes(domain: str) -> list[str]:
 # -- The DNS Tree Walk -------------------------------------------------------
 
 
+def _temperror(
+    author: str, method: DiscoveryMethod, detail: str, od: str | None = None
+) -> PolicyDiscovery:
+    """§5.3.6: a query discovery needed failed, so no policy can apply."""
+    return PolicyDiscovery(
+        author, method, DiscoveryStatus.TEMPERROR, organizational_domain=od, detail=detail
+    )
+
+
 def walk_names(start: str) -> list[str]:
     """The names a tree walk from ``start`` looks at, in order (§4.10).
 
@@ -302,7 +311,7 @@ class Discoverer:
         method = DiscoveryMethod.TREEWALK
         own = self._lookup(author)
         if own.failed:
-            return PolicyDiscovery(author, method, DiscoveryStatus.TEMPERROR, detail=own.detail)
+            return _temperror(author, method, own.detail)
         if own.record is not None:
             # §4.10.1: the Author Domain's own record is the policy record
             # and p applies.  A psd tag on it settles the OD without a walk
@@ -313,7 +322,7 @@ class Discoverer:
 
         walk = self._walk(author)
         if walk.failed:
-            return PolicyDiscovery(author, method, DiscoveryStatus.TEMPERROR, detail=walk.detail)
+            return _temperror(author, method, walk.detail)
         od = walk.organizational_domain
         assert od is not None
         records = dict(walk.found)
@@ -326,13 +335,7 @@ class Discoverer:
             # eight of the walk, only in this corner case]
             extra = self._lookup(od)
             if extra.failed:
-                return PolicyDiscovery(
-                    author,
-                    method,
-                    DiscoveryStatus.TEMPERROR,
-                    organizational_domain=od,
-                    detail=extra.detail,
-                )
+                return _temperror(author, method, extra.detail, od)
             od_record = extra.record
         if od_record is not None:
             # The OD's own record; a PSD policy above it is never used.
@@ -488,13 +491,7 @@ class Discoverer:
         self._od.setdefault(author, OrgDomainResult(od))
         own = self._lookup(author)
         if own.failed:
-            return PolicyDiscovery(
-                author,
-                method,
-                DiscoveryStatus.TEMPERROR,
-                organizational_domain=od,
-                detail=own.detail,
-            )
+            return _temperror(author, method, own.detail, od)
         if own.count > 1:
             # Unlike RFC 9989, several records end discovery: no DMARC.
             return PolicyDiscovery(
@@ -516,13 +513,7 @@ class Discoverer:
             )
         at_od = self._lookup(od)
         if at_od.failed:
-            return PolicyDiscovery(
-                author,
-                method,
-                DiscoveryStatus.TEMPERROR,
-                organizational_domain=od,
-                detail=at_od.detail,
-            )
+            return _temperror(author, method, at_od.detail, od)
         if at_od.record is None:
             detail = (
                 f"{at_od.count} DMARC records at _dmarc.{od}" if at_od.count else "no DMARC record"
