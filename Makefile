@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 # System packages: libmilter-dev builds pymilter.
 APT_PACKAGES := libmilter-dev gcc
 # Test-only system packages: the tests start their own throwaway PostgreSQL cluster
-# (tests/pgserver.py); the Debian-packaged system cluster is not used.
-TEST_APT_PACKAGES := postgresql
+# (tests/pgserver.py) and MariaDB server (tests/mysqlserver.py); the Debian-packaged
+# system services are not used.
+TEST_APT_PACKAGES := postgresql mariadb-server
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
 .PHONY: all setup test-setup system-packages test-system-packages apt-install venv run demo lint typecheck test test-only bench clean
@@ -20,8 +21,9 @@ system-packages:
 test-system-packages:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES) $(TEST_APT_PACKAGES)"
 
-# Installs the missing ones of $(PACKAGES).  policy-rc.d stops the postgresql package
-# from starting its system cluster during the install (the tests run their own).
+# Installs the missing ones of $(PACKAGES).  policy-rc.d stops the postgresql and
+# mariadb-server packages from starting their system services during the install
+# (the tests run their own).
 apt-install:
 	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -30,7 +30,7 @@ SYSTEM_STATE_DIR = "/var/lib/dmarcmilter"
 # relative to the working directory.
 LOCAL_STATE_DIR = "state"
 HISTORY_FILE = "history.sqlite3"
-DATABASE_BACKENDS = ("sqlite", "postgresql")
+DATABASE_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
 
 
 def _opt(
@@ -134,14 +134,16 @@ def _writable_dir(path: Path) -> bool:
 
 
 def parse_database_url(url: str) -> URL:
-    """``url`` parsed; ValueError unless it is an SQLite or PostgreSQL URL."""
+    """``url`` parsed; ValueError unless it names a supported database."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise ValueError(f"not a database URL: {url!r}") from None
     backend = parsed.get_backend_name()
     if backend not in DATABASE_BACKENDS:
-        raise ValueError(f"unsupported database {backend!r}: use sqlite or postgresql")
+        raise ValueError(
+            f"unsupported database {backend!r}: use sqlite, postgresql, mysql or mariadb"
+        )
     return parsed
 
 

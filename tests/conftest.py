@@ -1,4 +1,5 @@
-"""Shared fixtures: the loopback DNS server and resolvers pointed at it."""
+"""Shared fixtures: the loopback DNS server and resolvers pointed at it, and
+history databases (SQLite, and throwaway PostgreSQL and MariaDB servers)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from dmarcmilter.history import db
+from dmarcmilter.history.models import Base
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from tests.dnsserver import TestDNSServer
+from tests.mysqlserver import MySQLServer, MySQLUnavailable
+from tests.mysqlserver import start_server as start_mysql_server
 from tests.pgserver import PostgresServer, PostgresUnavailable, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PG_ENV = "DMARCMILTER_TEST_PG_URL"
+MYSQL_ENV = "DMARCMILTER_TEST_MYSQL_URL"
 
 
 def shared_path(*parts: str) -> Path:
@@ -66,7 +73,7 @@ def pg_cluster() -> Iterator[PostgresServer]:
             pytest.fail(f"PostgreSQL is required in CI: {exc}")
         pytest.skip(f"PostgreSQL unavailable, skipping: {exc}")
     env = pytest.MonkeyPatch()
-    env.setenv("DMARCMILTER_TEST_PG_URL", server.url)
+    env.setenv(PG_ENV, server.url)
     try:
         yield server
     finally:
@@ -86,3 +93,85 @@ def pg_server(pg_cluster: PostgresServer) -> Iterator[PostgresServer]:
     pg_cluster.start()
     yield pg_cluster
     pg_cluster.start()
+
+
+@pytest.fixture
+def pg_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A PostgreSQL database, empty at the start and at the end of each test:
+    the one $DMARCMILTER_TEST_PG_URL names, else the suite's throwaway
+    cluster (``pg_url``, which skips with the reason when PostgreSQL is
+    unavailable outside CI)."""
+    url = os.environ.get(PG_ENV) or str(request.getfixturevalue("pg_url"))
+    # Start and end with an empty schema, whatever an earlier run left
+    # (even a revision Alembic does not know, so not via a downgrade).
+    drop_all(url)
+    yield url
+    drop_all(url)
+
+
+def drop_all(url: str) -> None:
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as conn:
+            Base.metadata.drop_all(conn)
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def mysql_cluster() -> Iterator[MySQLServer]:
+    """A throwaway MariaDB server for the session (skipped outside CI if unavailable)."""
+    try:
+        server = start_mysql_server()
+    except MySQLUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"MariaDB is required in CI: {exc}")
+        pytest.skip(f"MariaDB unavailable, skipping: {exc}")
+    env = pytest.MonkeyPatch()
+    env.setenv(MYSQL_ENV, server.url)
+    try:
+        yield server
+    finally:
+        env.undo()
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mysql_url(mysql_cluster: MySQLServer) -> str:
+    """SQLAlchemy URL of the test database; also exported as $DMARCMILTER_TEST_MYSQL_URL."""
+    return mysql_cluster.url
+
+
+@pytest.fixture
+def mysql_server(mysql_cluster: MySQLServer) -> Iterator[MySQLServer]:
+    """The session's server, for tests that stop() and start() it; running again afterwards."""
+    mysql_cluster.start()
+    yield mysql_cluster
+    mysql_cluster.start()
+
+
+@pytest.fixture
+def mysql_db(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A MySQL or MariaDB database, empty at the start and at the end of each
+    test: the one $DMARCMILTER_TEST_MYSQL_URL names, else the suite's
+    throwaway server (``mysql_url``, which skips with the reason when MariaDB
+    is unavailable outside CI)."""
+    url = os.environ.get(MYSQL_ENV) or str(request.getfixturevalue("mysql_url"))
+    drop_all(url)
+    yield url
+    drop_all(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated history database: SQLite, and PostgreSQL and MariaDB when
+    they are available."""
+    if request.param == "postgresql":
+        url = str(request.getfixturevalue("pg_db"))
+    elif request.param == "mysql":
+        url = str(request.getfixturevalue("mysql_db"))
+    else:
+        url = f"sqlite:///{tmp_path / 'state' / 'history.sqlite3'}"
+    db.upgrade(url)
+    return url

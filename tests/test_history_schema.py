@@ -3,8 +3,9 @@ pruning and the ``dmarcmilter db`` commands.
 
 The migrations are run from an empty database and compared with the models
 by Alembic's own autogenerate comparison, on SQLite always and on PostgreSQL
-when PostgreSQL is available: the database ``DMARCMILTER_TEST_PG_URL`` names,
-else the throwaway cluster of ``tests/pgserver.py``.
+and MariaDB when they are available: the databases ``DMARCMILTER_TEST_PG_URL``
+and ``DMARCMILTER_TEST_MYSQL_URL`` name, else the throwaway servers of
+``tests/pgserver.py`` and ``tests/mysqlserver.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, inspect, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import String, Text, create_engine, func, inspect, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from dmarcmilter.config import Config, DNSConfig, config_from_mapping
@@ -35,11 +36,13 @@ from dmarcmilter.history.rows import message_from_row, message_row, new_idempote
 from dmarcmilter.message import Message
 from dmarcmilter.policy import Decision, decide
 from dmarcmilter.resolver import Resolver
+from tests.conftest import drop_all
 from tests.dnsserver import TestDNSServer
+from tests.history_worker import make_row
+from tests.mysqlserver import MySQLServer
 from tests.signing import dkim_sign, dkim_zone, make_message
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
-PG_ENV = "DMARCMILTER_TEST_PG_URL"
 
 ZONE: dict[str, Any] = {
     "example.com": [("A", "192.0.2.80"), ("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
@@ -62,41 +65,6 @@ def sqlite_url(path: Path) -> str:
 def url(tmp_path: Path) -> str:
     # A subdirectory that does not exist yet: make_engine must create it.
     return sqlite_url(tmp_path / "state" / "history.sqlite3")
-
-
-@pytest.fixture
-def pg_db(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A PostgreSQL database, empty at the start and at the end of each test:
-    the one $DMARCMILTER_TEST_PG_URL names, else the suite's throwaway
-    cluster (``pg_url`` in conftest.py, which skips with the reason when
-    PostgreSQL is unavailable outside CI)."""
-    url = os.environ.get(PG_ENV) or str(request.getfixturevalue("pg_url"))
-    # Start and end with an empty schema, whatever an earlier run left
-    # (even a revision Alembic does not know, so not via a downgrade).
-    drop_all(url)
-    yield url
-    drop_all(url)
-
-
-def drop_all(url: str) -> None:
-    engine = db.make_engine(url)
-    try:
-        with engine.begin() as conn:
-            Base.metadata.drop_all(conn)
-            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated database: SQLite, and PostgreSQL when one is configured."""
-    if request.param == "postgresql":
-        url = str(request.getfixturevalue("pg_db"))
-    else:
-        url = sqlite_url(tmp_path / "state" / "history.sqlite3")
-    db.upgrade(url)
-    return url
 
 
 def schema_diffs(url: str) -> list[Any]:
@@ -149,7 +117,11 @@ def test_indexes_and_cascades(migrated: str) -> None:
     try:
         insp = inspect(engine)
         indexes = {ix["name"]: ix["column_names"] for ix in insp.get_indexes("messages")}
-        assert indexes["ix_messages_policy_domain_arrived_at"] == ["policy_domain", "arrived_at"]
+        assert indexes["ix_messages_policy_domain_arrived_at_record_key"] == [
+            "policy_domain",
+            "arrived_at",
+            "record_key",
+        ]
         assert indexes["ix_messages_arrived_at"] == ["arrived_at"]
         uniques = insp.get_unique_constraints("messages")
         assert [u["column_names"] for u in uniques] == [["idempotency_key"]]
@@ -168,12 +140,98 @@ def test_downgrade_to_empty_and_back(migrated: str) -> None:
     assert schema_diffs(migrated) == []
 
 
-def test_migrations_from_empty_postgresql_match_models(pg_db: str) -> None:
+@pytest.mark.parametrize("database", ["pg_db", "mysql_db"], ids=["postgresql", "mysql"])
+def test_migrations_from_empty_server_match_models(
+    database: str, request: pytest.FixtureRequest
+) -> None:
+    url = str(request.getfixturevalue(database))
     with pytest.raises(SchemaError):
-        db.check_schema(pg_db)
-    db.upgrade(pg_db)
-    assert schema_diffs(pg_db) == []
-    db.check_schema(pg_db)
+        db.check_schema(url)
+    db.upgrade(url)
+    assert schema_diffs(url) == []
+    db.check_schema(url)
+
+
+@pytest.mark.parametrize("scheme", ["mysql+pymysql", "mysql", "mariadb"])
+def test_mysql_schema_details(mysql_db: str, scheme: str) -> None:
+    """What Alembic's comparison does not see: the fractional seconds, the
+    text types, the character set, the collation and the storage engine.
+    The bare schemes use the default driver, and "mariadb" the dialect that
+    reads only mariadb_ options."""
+    url = scheme + mysql_db[mysql_db.index(":") :]
+    db.upgrade(url)
+    assert schema_diffs(url) == []
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.dialect.name == scheme.partition("+")[0]
+            tables = conn.exec_driver_sql(
+                "SELECT table_name, engine, table_collation FROM information_schema.tables"
+                " WHERE table_schema = DATABASE() AND table_name <> 'alembic_version'"
+            ).all()
+            columns = conn.exec_driver_sql(
+                "SELECT table_name, column_name, column_type, character_set_name,"
+                " collation_name FROM information_schema.columns"
+                " WHERE table_schema = DATABASE() AND table_name <> 'alembic_version'"
+            ).all()
+    finally:
+        engine.dispose()
+    assert sorted(tuple(t) for t in tables) == [
+        (name, "InnoDB", "utf8mb4_bin") for name in ("dkim_results", "messages", "override_reasons")
+    ]
+    types = {(t, c): ctype for t, c, ctype, _, _ in columns}
+    assert types[("messages", "arrived_at")] == "datetime(6)"
+    for table in Base.metadata.sorted_tables:
+        for column in table.columns:
+            if isinstance(column.type, Text):
+                assert types[(table.name, column.name)] == "mediumtext", column
+    # Every text column, VARCHAR and MEDIUMTEXT alike.
+    texts = {(t, c): (cs, coll) for t, c, _, cs, coll in columns if cs is not None}
+    assert len(texts) == sum(
+        isinstance(c.type, String) for t in Base.metadata.sorted_tables for c in t.columns
+    )
+    assert set(texts.values()) == {("utf8mb4", "utf8mb4_bin")}
+
+
+def test_mysql_sessions_are_strict_whatever_the_server_default(
+    mysql_cluster: MySQLServer,
+) -> None:
+    """An overlong value is refused, not cut short, even where the server's
+    SQL mode is not strict: make_engine asks for strict mode per session.
+    On the suite's own server, whose global settings the test may change."""
+    url = mysql_cluster.url
+    drop_all(url)
+    db.upgrade(url)
+    admin = db.make_engine(mysql_cluster.admin_url)
+    with admin.connect() as conn:
+        mode = conn.exec_driver_sql("SELECT @@GLOBAL.sql_mode").scalar()
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql("SET GLOBAL sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        # A plain engine gets the server's new default...
+        assert session_sql_mode(create_engine(url)) == {"NO_ENGINE_SUBSTITUTION"}
+        # ...and dmarcmilter's adds strict mode to it.
+        assert session_sql_mode(db.make_engine(url)) == {
+            "NO_ENGINE_SUBSTITUTION",
+            "STRICT_TRANS_TABLES",
+        }
+        row = make_row("Q1")
+        row["dmarc_result"] = "x" * 40  # VARCHAR(32)
+        with pytest.raises(DataError, match="Data too long for column 'dmarc_result'"):
+            insert(url, row)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql("SET GLOBAL sql_mode = %s", (mode,))
+        admin.dispose()
+        drop_all(url)
+
+
+def session_sql_mode(engine: Engine) -> set[str]:
+    try:
+        with engine.connect() as conn:
+            return set(str(conn.exec_driver_sql("SELECT @@SESSION.sql_mode").scalar()).split(","))
+    finally:
+        engine.dispose()
 
 
 # -- schema checks ------------------------------------------------------------
@@ -434,7 +492,7 @@ def test_default_state_dir_is_usable() -> None:
     assert state in (Path("/var/lib/dmarcmilter"), Path.cwd() / "state")
 
 
-@pytest.mark.parametrize("bad", ["not a url", "mysql://u@h/db", "://"])
+@pytest.mark.parametrize("bad", ["not a url", "oracle://u@h/db", "://"])
 def test_invalid_database_url_is_refused(bad: str) -> None:
     with pytest.raises(ConfigError, match=r"^x\.toml: database\.url: "):
         config_from_mapping({"database": {"url": bad}}, "x.toml")
@@ -488,7 +546,7 @@ def test_cli_uses_config_file(tmp_path: Path) -> None:
         (("prune", "--older-than", "3x"), "--older-than: expected a positive number"),
         (("prune", "--older-than", "0d"), "--older-than: expected a positive number"),
         (("prune", "--older-than=-1d"), "--older-than: expected a positive number"),
-        (("status", "--url", "mysql://h/db"), "--url: unsupported database 'mysql'"),
+        (("status", "--url", "oracle://h/db"), "--url: unsupported database 'oracle'"),
         (("status", "--url", "nonsense"), "--url: not a database URL"),
         (("upgrade", "--config", "/nonexistent.toml"), "/nonexistent.toml: file not found"),
         (
@@ -513,11 +571,12 @@ def test_client_supplied_values_of_any_length_insert(
     zone: TestDNSServer, resolver: Resolver, migrated: str
 ) -> None:
     # HELO, envelope domains, queue ids and DKIM d=/s= come from the client
-    # or the message unvalidated; PostgreSQL would refuse an over-long VARCHAR.
+    # or the message unvalidated; PostgreSQL would refuse an over-long
+    # VARCHAR, and MySQL more than 64 KB in a TEXT.
     msg = dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
     ev, decision = run(resolver, zone, msg)
     row = message_row(ev, decision)
-    long = "x" * 2000
+    long = "x" * 70_000
     row.update(
         helo=long,
         queue_id=long,
@@ -534,5 +593,8 @@ def test_arrival_time_is_stored_in_utc(
 ) -> None:
     ev, decision = run(resolver, zone, make_message(from_="alice@example.com"))
     row = message_row(ev, decision)
-    row["arrived_at"] = "2026-05-01T14:00:00+02:00"
-    assert stored(migrated, insert(migrated, row))["arrived_at"] == "2026-05-01T12:00:00+00:00"
+    # With microseconds, which MySQL's DATETIME would drop (or round away).
+    row["arrived_at"] = "2026-05-01T14:00:00.999999+02:00"
+    assert stored(migrated, insert(migrated, row))["arrived_at"] == (
+        "2026-05-01T12:00:00.999999+00:00"
+    )

@@ -28,18 +28,36 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # writer never waits long for the SQLite write lock.
 PRUNE_BATCH = 1000
 BUSY_TIMEOUT_MS = 5000
+CONNECT_TIMEOUT = 10  # seconds
+DEFAULT_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
+# MySQL and MariaDB: strict mode for every session, whatever the server's
+# default, so that an overlong value is refused (and the row set aside) as
+# on PostgreSQL, not stored cut short.
+MYSQL_INIT_COMMAND = (
+    "SET SESSION sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_TRANS_TABLES')"
+)
 
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; for SQLite, the file's directory is created and
     every connection is set up for one writer and many readers."""
     parsed = parse_database_url(url)
-    if parsed.drivername == "postgresql":
-        # The bare scheme means psycopg2 to SQLAlchemy; psycopg 3 is the
-        # driver dmarcmilter depends on.
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+    backend = parsed.get_backend_name()
+    if parsed.drivername in DEFAULT_DRIVERS:
+        # A bare scheme means psycopg2 or mysqlclient to SQLAlchemy; the
+        # drivers dmarcmilter installs are psycopg 3 and PyMySQL.
+        parsed = parsed.set(drivername=DEFAULT_DRIVERS[parsed.drivername])
+    if backend != "sqlite":
+        # A database host that drops packets must not hang the writer (or
+        # a report run) for the kernel's minutes-long TCP connect timeout.
+        connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT}
+        if backend in ("mysql", "mariadb"):
+            connect_args["init_command"] = MYSQL_INIT_COMMAND
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         directory = Path(database).parent
@@ -99,7 +117,7 @@ def upgrade(url: str) -> None:
             f"revision {head}) does not know: is a newer version using this database?"
         ) from None
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot upgrade the database: {_short(exc)}") from None
+        raise DatabaseError(f"cannot upgrade the database: {short_error(exc)}") from None
     finally:
         engine.dispose()
 
@@ -114,7 +132,7 @@ def schema_status(url: str) -> tuple[str | None, str]:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the database: {_short(exc)}") from None
+        raise DatabaseError(f"cannot read the database: {short_error(exc)}") from None
     finally:
         engine.dispose()
     return current, head_revision()
@@ -160,7 +178,7 @@ def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None)
                 conn.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
                 total += len(ids)
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot prune the database: {_short(exc)}") from None
+        raise DatabaseError(f"cannot prune the database: {short_error(exc)}") from None
     finally:
         engine.dispose()
     return total
@@ -174,7 +192,7 @@ def _missing_sqlite_file(url: str) -> bool:
     return not database.startswith("file:") and not Path(database).exists()
 
 
-def _short(exc: SQLAlchemyError) -> str:
+def short_error(exc: SQLAlchemyError) -> str:
     # The driver's own message, without SQLAlchemy's SQL echo and links.
     orig = getattr(exc, "orig", None)
     return str(orig if orig is not None else exc).splitlines()[0]

@@ -27,14 +27,34 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias);
 # BIGINT there would need explicit ids, so use INTEGER on SQLite only.
 ID_TYPE = BigInteger().with_variant(Integer, "sqlite")
+# MySQL's DATETIME keeps whole seconds unless asked for more (and MySQL
+# rounds the fraction, so 23:59:59.9999 would count in the next day's
+# report): DATETIME(6) keeps microseconds, as the other databases do.  Like
+# SQLite, it stores no offset; the values are UTC.
+TIMESTAMP_TYPE = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Unbounded text: TEXT is on SQLite and PostgreSQL, but MySQL's TEXT holds
+# 65,535 bytes, which a hostile header or HELO name can exceed; MEDIUMTEXT
+# (16 MB) there.
+TEXT_TYPE = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+# MySQL and MariaDB (options under both dialect names, for mysql:// and
+# mariadb:// URLs): InnoDB for transactions and foreign keys, the full UTF-8
+# (utf8mb4, not the 3-byte "utf8"), and a binary collation, so that values
+# compare, GROUP BY and sort byte for byte as on SQLite and PostgreSQL rather
+# than case-insensitively, as the server's default collation would.
+MYSQL_TABLE_OPTIONS = {
+    f"{dialect}_{option}": value
+    for dialect in ("mysql", "mariadb")
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
 
 # Explicit constraint names keep migrations portable and reviewable: the
-# same name on SQLite and PostgreSQL, so later migrations can drop them.
+# same name on every database, so later migrations can drop them.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -46,8 +66,8 @@ NAMING_CONVENTION = {
 # Lengths bound only values dmarcmilter has validated: domain names that
 # passed normalisation and enum values.  Whatever the SMTP client or a
 # message header supplies as is (HELO, envelope domains, DKIM d= and s=,
-# queue ids) is Text, so that no hostile value can make an insert fail on
-# PostgreSQL, which enforces VARCHAR lengths.
+# queue ids) is TEXT_TYPE, so that no hostile value can make an insert fail
+# on PostgreSQL or MySQL, which enforce VARCHAR lengths (MySQL, TEXT's too).
 DOMAIN_LENGTH = 255  # RFC 1035 §2.3.4: 253 characters, with room for a dot
 SHORT = 32  # enum values: results, policies, dispositions
 
@@ -66,16 +86,16 @@ class MessageRow(Base):
     # Made by the writer when the row is first spooled, so replaying a spool
     # file after a crash inserts nothing twice.
     idempotency_key: Mapped[str] = mapped_column(String(32), unique=True)
-    arrived_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    queue_id: Mapped[str] = mapped_column(Text)
+    arrived_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    queue_id: Mapped[str] = mapped_column(TEXT_TYPE)
     client_ip: Mapped[str] = mapped_column(String(45))  # longest IPv6 text form
-    helo: Mapped[str] = mapped_column(Text)
+    helo: Mapped[str] = mapped_column(TEXT_TYPE)
     # Empty string for the null reverse-path; NULL only when unknown.
-    envelope_from_domain: Mapped[str | None] = mapped_column(Text)
+    envelope_from_domain: Mapped[str | None] = mapped_column(TEXT_TYPE)
     # The first recipient's domain only: RFC 9990 envelope_to is a single
     # optional value, and the milter evaluates once per message, not once per
     # recipient, so one row per message keeps the counts right.
-    envelope_to_domain: Mapped[str | None] = mapped_column(Text)
+    envelope_to_domain: Mapped[str | None] = mapped_column(TEXT_TYPE)
     header_from_domain: Mapped[str | None] = mapped_column(String(DOMAIN_LENGTH))
     policy_domain: Mapped[str | None] = mapped_column(String(DOMAIN_LENGTH))
     org_domain: Mapped[str | None] = mapped_column(String(DOMAIN_LENGTH))
@@ -92,21 +112,24 @@ class MessageRow(Base):
     fo: Mapped[str | None] = mapped_column(String(SHORT))
     psd: Mapped[str | None] = mapped_column(String(1))
     discovery_method: Mapped[str | None] = mapped_column(String(SHORT))
-    rua: Mapped[str | None] = mapped_column(Text)  # comma-joined URIs
-    ruf: Mapped[str | None] = mapped_column(Text)
-    record_errors: Mapped[str | None] = mapped_column(Text)  # newline-joined
+    rua: Mapped[str | None] = mapped_column(TEXT_TYPE)  # comma-joined URIs
+    ruf: Mapped[str | None] = mapped_column(TEXT_TYPE)
+    record_errors: Mapped[str | None] = mapped_column(TEXT_TYPE)  # newline-joined
 
     dmarc_result: Mapped[str] = mapped_column(String(SHORT))
     policy_evaluated: Mapped[str | None] = mapped_column(String(SHORT))
     disposition: Mapped[str] = mapped_column(String(SHORT))
     dkim_aligned: Mapped[bool] = mapped_column(Boolean)
     spf_aligned: Mapped[bool] = mapped_column(Boolean)
-    spf_domain: Mapped[str] = mapped_column(Text)
+    spf_domain: Mapped[str] = mapped_column(TEXT_TYPE)
     spf_scope: Mapped[str] = mapped_column(String(SHORT))
     spf_result: Mapped[str] = mapped_column(String(SHORT))
     arc_result: Mapped[str] = mapped_column(String(SHORT))
-    dkim_summary: Mapped[str] = mapped_column(Text)
-    reasons_summary: Mapped[str] = mapped_column(Text)
+    dkim_summary: Mapped[str] = mapped_column(TEXT_TYPE)
+    reasons_summary: Mapped[str] = mapped_column(TEXT_TYPE)
+    # A digest of every column that makes an RFC 9990 record (rows.py,
+    # record_key): the report query groups by this one short value.
+    record_key: Mapped[str] = mapped_column(String(32))
 
     dkim_results: Mapped[list[DKIMResultRow]] = relationship(
         back_populates="message",
@@ -122,10 +145,17 @@ class MessageRow(Base):
     )
 
     __table_args__ = (
-        # The report query: one policy domain over one period.
-        Index("ix_messages_policy_domain_arrived_at", "policy_domain", "arrived_at"),
+        # The report query: one policy domain over one period, grouped by
+        # record_key, all read from the index without touching the table.
+        Index(
+            "ix_messages_policy_domain_arrived_at_record_key",
+            "policy_domain",
+            "arrived_at",
+            "record_key",
+        ),
         # Pruning and "what arrived in this period" for every domain.
         Index("ix_messages_arrived_at", "arrived_at"),
+        MYSQL_TABLE_OPTIONS,
     )
 
 
@@ -133,15 +163,16 @@ class DKIMResultRow(Base):
     """One DKIM signature verification of a message, in report order."""
 
     __tablename__ = "dkim_results"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     message_id: Mapped[int] = mapped_column(
         ID_TYPE, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
     )
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
-    domain: Mapped[str] = mapped_column(Text)
-    selector: Mapped[str] = mapped_column(Text)
+    domain: Mapped[str] = mapped_column(TEXT_TYPE)
+    selector: Mapped[str] = mapped_column(TEXT_TYPE)
     result: Mapped[str] = mapped_column(String(SHORT))
-    human_result: Mapped[str] = mapped_column(Text)
+    human_result: Mapped[str] = mapped_column(TEXT_TYPE)
 
     message: Mapped[MessageRow] = relationship(back_populates="dkim_results")
 
@@ -150,12 +181,13 @@ class OverrideReasonRow(Base):
     """One policy override reason (RFC 9990 PolicyOverrideReason)."""
 
     __tablename__ = "override_reasons"
+    __table_args__ = MYSQL_TABLE_OPTIONS
 
     message_id: Mapped[int] = mapped_column(
         ID_TYPE, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
     )
     position: Mapped[int] = mapped_column(Integer, primary_key=True)
     type: Mapped[str] = mapped_column(String(SHORT))
-    comment: Mapped[str] = mapped_column(Text)
+    comment: Mapped[str] = mapped_column(TEXT_TYPE)
 
     message: Mapped[MessageRow] = relationship(back_populates="override_reasons")

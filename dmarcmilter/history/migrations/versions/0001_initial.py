@@ -8,9 +8,11 @@ Create Date: 2026-11-23
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import mysql
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -20,6 +22,15 @@ depends_on: str | Sequence[str] | None = None
 # Spelled out rather than imported from models.py: a migration must keep
 # describing this revision after the models move on.
 ID_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+# MySQL and MariaDB: microseconds (DATETIME(6)), MEDIUMTEXT, InnoDB, utf8mb4
+# and a binary collation; see models.py.
+TEXT = sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+TIMESTAMP_TYPE = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+MYSQL_TABLE_OPTIONS: dict[str, Any] = {
+    f"{dialect}_{option}": value
+    for dialect in ("mysql", "mariadb")
+    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+}
 DOMAIN = 255
 SHORT = 32
 
@@ -29,12 +40,12 @@ def upgrade() -> None:
         "messages",
         sa.Column("id", ID_TYPE, autoincrement=True, nullable=False),
         sa.Column("idempotency_key", sa.String(32), nullable=False),
-        sa.Column("arrived_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("queue_id", sa.Text(), nullable=False),
+        sa.Column("arrived_at", TIMESTAMP_TYPE, nullable=False),
+        sa.Column("queue_id", TEXT, nullable=False),
         sa.Column("client_ip", sa.String(45), nullable=False),
-        sa.Column("helo", sa.Text(), nullable=False),
-        sa.Column("envelope_from_domain", sa.Text(), nullable=True),
-        sa.Column("envelope_to_domain", sa.Text(), nullable=True),
+        sa.Column("helo", TEXT, nullable=False),
+        sa.Column("envelope_from_domain", TEXT, nullable=True),
+        sa.Column("envelope_to_domain", TEXT, nullable=True),
         sa.Column("header_from_domain", sa.String(DOMAIN), nullable=True),
         sa.Column("policy_domain", sa.String(DOMAIN), nullable=True),
         sa.Column("org_domain", sa.String(DOMAIN), nullable=True),
@@ -48,35 +59,39 @@ def upgrade() -> None:
         sa.Column("fo", sa.String(SHORT), nullable=True),
         sa.Column("psd", sa.String(1), nullable=True),
         sa.Column("discovery_method", sa.String(SHORT), nullable=True),
-        sa.Column("rua", sa.Text(), nullable=True),
-        sa.Column("ruf", sa.Text(), nullable=True),
-        sa.Column("record_errors", sa.Text(), nullable=True),
+        sa.Column("rua", TEXT, nullable=True),
+        sa.Column("ruf", TEXT, nullable=True),
+        sa.Column("record_errors", TEXT, nullable=True),
         sa.Column("dmarc_result", sa.String(SHORT), nullable=False),
         sa.Column("policy_evaluated", sa.String(SHORT), nullable=True),
         sa.Column("disposition", sa.String(SHORT), nullable=False),
         sa.Column("dkim_aligned", sa.Boolean(), nullable=False),
         sa.Column("spf_aligned", sa.Boolean(), nullable=False),
-        sa.Column("spf_domain", sa.Text(), nullable=False),
+        sa.Column("spf_domain", TEXT, nullable=False),
         sa.Column("spf_scope", sa.String(SHORT), nullable=False),
         sa.Column("spf_result", sa.String(SHORT), nullable=False),
         sa.Column("arc_result", sa.String(SHORT), nullable=False),
-        sa.Column("dkim_summary", sa.Text(), nullable=False),
-        sa.Column("reasons_summary", sa.Text(), nullable=False),
+        sa.Column("dkim_summary", TEXT, nullable=False),
+        sa.Column("reasons_summary", TEXT, nullable=False),
+        sa.Column("record_key", sa.String(32), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_messages"),
         sa.UniqueConstraint("idempotency_key", name="uq_messages_idempotency_key"),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_index(
-        "ix_messages_policy_domain_arrived_at", "messages", ["policy_domain", "arrived_at"]
+        "ix_messages_policy_domain_arrived_at_record_key",
+        "messages",
+        ["policy_domain", "arrived_at", "record_key"],
     )
     op.create_index("ix_messages_arrived_at", "messages", ["arrived_at"])
     op.create_table(
         "dkim_results",
         sa.Column("message_id", ID_TYPE, nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
-        sa.Column("domain", sa.Text(), nullable=False),
-        sa.Column("selector", sa.Text(), nullable=False),
+        sa.Column("domain", TEXT, nullable=False),
+        sa.Column("selector", TEXT, nullable=False),
         sa.Column("result", sa.String(SHORT), nullable=False),
-        sa.Column("human_result", sa.Text(), nullable=False),
+        sa.Column("human_result", TEXT, nullable=False),
         sa.ForeignKeyConstraint(
             ["message_id"],
             ["messages.id"],
@@ -84,13 +99,14 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("message_id", "position", name="pk_dkim_results"),
+        **MYSQL_TABLE_OPTIONS,
     )
     op.create_table(
         "override_reasons",
         sa.Column("message_id", ID_TYPE, nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("type", sa.String(SHORT), nullable=False),
-        sa.Column("comment", sa.Text(), nullable=False),
+        sa.Column("comment", TEXT, nullable=False),
         sa.ForeignKeyConstraint(
             ["message_id"],
             ["messages.id"],
@@ -98,6 +114,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("message_id", "position", name="pk_override_reasons"),
+        **MYSQL_TABLE_OPTIONS,
     )
 
 
@@ -105,5 +122,5 @@ def downgrade() -> None:
     op.drop_table("override_reasons")
     op.drop_table("dkim_results")
     op.drop_index("ix_messages_arrived_at", table_name="messages")
-    op.drop_index("ix_messages_policy_domain_arrived_at", table_name="messages")
+    op.drop_index("ix_messages_policy_domain_arrived_at_record_key", table_name="messages")
     op.drop_table("messages")
