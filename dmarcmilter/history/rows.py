@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 from typing import Any
 
 from ..dmarc import Alignment, DKIMVerdict
@@ -27,8 +28,14 @@ MESSAGE_COLUMNS = tuple(c.name for c in MessageRow.__table__.columns if c.name !
 
 
 def new_idempotency_key() -> str:
-    """A fresh row key: 32 hex digits, unique without coordination."""
-    return os.urandom(16).hex()
+    """A fresh row key: 32 hex digits, unique without coordination.
+
+    The first 12 digits are the time in milliseconds and the other 20 are
+    random (80 bits), as in a UUIDv7: new keys sort after old ones, so the
+    unique index grows at its end instead of being written all over, which
+    keeps inserts fast in a table of many millions of rows.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 def message_row(
