@@ -195,7 +195,8 @@ class HistoryWriter:
         queue = self._queue
         if len(queue) < self.queue_size:
             queue.append(item)
-            if len(queue) >= self.batch_size:
+            # Event.set takes a lock: skip it while a wake-up is pending.
+            if len(queue) >= self.batch_size and not self._wake.is_set():
                 self._wake.set()
             return
         # The writer is behind by a whole queue: spool in this thread rather
