@@ -1,6 +1,9 @@
 """The history store: every evaluated message, kept for aggregate reports.
 
-``models`` is the schema, ``rows`` converts an evaluation into the row the
-writer stores, ``db`` opens, migrates, checks and prunes the database, and
-``migrations`` holds the Alembic scripts shipped with the package.
+``models`` is the schema and ``migrations`` the Alembic scripts shipped with
+the package; ``db`` opens, migrates, checks and prunes the database.  On the
+way in, ``rows`` converts an evaluation into a row, ``writer`` queues and
+stores rows in batches (``bulk``) and spools them (``spool``) when the
+database cannot take them.  On the way out, ``reader`` groups them into
+RFC 9990 report records.
 """
