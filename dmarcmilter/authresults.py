@@ -97,3 +97,27 @@ def render(evaluation: Evaluation, authserv_id: str, fold: str = "\n\t") -> str:
         )
     )
     return f"{authserv_id};{fold}" + f";{fold}".join(results)
+
+
+def render_received_spf(evaluation: Evaluation, receiver: str) -> str:
+    """A Received-SPF field value (RFC 7208 §9.1) for the MAIL FROM check
+    (for a null reverse-path: the HELO identity, RFC 7208 §2.4)."""
+    env = evaluation.envelope
+    spf = evaluation.spf.mfrom
+    comment = _comment(spf.reason or f"{receiver}: SPF {spf.result.value} for {spf.domain}")
+    identity = "helo" if evaluation.spf.null_reverse_path else "mailfrom"
+    pairs = [
+        f"client-ip={env.client_ip}",
+        f"envelope-from={quote_value(env.mail_from or spf.identity)}",
+        f"helo={quote_value(env.helo)}" if env.helo else "",
+        f"receiver={quote_value(receiver)}",
+        f"identity={identity}",
+    ]
+    return f"{spf.result.value} ({comment}) " + "; ".join(p for p in pairs if p)
+
+
+def _comment(text: str) -> str:
+    # A comment may hold anything but unbalanced parentheses and
+    # backslashes; keep it printable ASCII on one line, and short.
+    clean = "".join(c if " " <= c <= "~" and c not in "()\\" else " " for c in text)
+    return clean[:_MAX_REASON].strip()

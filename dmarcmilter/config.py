@@ -31,6 +31,7 @@ SYSTEM_STATE_DIR = "/var/lib/dmarcmilter"
 LOCAL_STATE_DIR = "state"
 HISTORY_FILE = "history.sqlite3"
 DATABASE_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb")
+SYSLOG_FACILITIES = ("mail", "daemon", "user", *(f"local{i}" for i in range(8)))
 
 
 def _opt(
@@ -77,9 +78,85 @@ class DKIMConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
+    """Local policy: what a DMARC result does to a message (RFC 9989 §7-8)."""
+
     # A From field that does not yield exactly one Author Domain (RFC 9989
     # §4.2): "accept" reports dmarc=permerror, "reject" refuses the message.
     out_of_scope: str = _opt("accept", choices=("accept", "reject"))
+    # What a p=quarantine failure (or a p=reject one treated as quarantine)
+    # does: "header" adds quarantine_header for the MDA to file it as junk,
+    # "hold" puts it in the MTA's hold queue, "reject" refuses it, "accept"
+    # delivers it unmarked.
+    quarantine_action: str = _opt("header", choices=("header", "hold", "reject", "accept"))
+    quarantine_header: str = "X-Spam-Flag: YES"
+    # RFC 9989 §8: a receiver MUST NOT reject solely because of p=reject, so
+    # by default such failures are quarantined.  Real rejection, for every
+    # domain or for the listed (author or policy) domains:
+    enforce_reject: bool = False
+    enforce_reject_domains: tuple[str, ...] = ()
+    # {domain} is the author domain.
+    reject_text: str = "Message rejected per DMARC policy for {domain}"
+    # Mail with List-Id or List-Post that fails is quarantined, not rejected.
+    mailing_list_downgrade: bool = True
+    # ARC sealers (RFC 8617) whose validated results may vouch for a message
+    # that fails DMARC after their forwarding (reason trusted_forwarder).
+    trusted_arc_sealers: tuple[str, ...] = ()
+    # A DNS failure that leaves the result temperror: "accept" delivers with
+    # dmarc=temperror, "tempfail" answers 451 so the sender retries.
+    temperror_action: str = _opt("accept", choices=("accept", "tempfail"))
+    tempfail_text: str = "DMARC policy for {domain} could not be checked; try again later"
+    # Evaluate, record and add headers, but never reject, hold or mark:
+    # a header says what would have happened.
+    monitor: bool = False
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """SMTP clients whose mail is not evaluated."""
+
+    # SASL-authenticated clients (the MTA's {auth_authen} macro is set).
+    skip_authenticated: bool = True
+    # Networks (CIDR) of hosts whose mail is not evaluated: the host itself,
+    # internal relays, webmail.
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    """Authentication-Results handling (RFC 8601 §5)."""
+
+    # Other authserv-ids this mail system uses: incoming A-R fields claiming
+    # them (or authserv_id) are forgeries and are removed.
+    owned_authserv_ids: tuple[str, ...] = ()
+    # Upstream hosts (an internal relay) whose A-R SPF and DKIM results are
+    # used instead of checking again.  Their A-R fields are kept.
+    trusted_authserv_ids: tuple[str, ...] = ()
+    # Also add a Received-SPF field (RFC 7208 §9.1).
+    received_spf: bool = False
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    # inet:PORT@HOST, inet6:PORT@HOST or unix:PATH (also local:PATH).
+    socket: str = "inet:8893@127.0.0.1"
+    # Permissions of a unix socket, octal: the MTA's user must be able to
+    # write to it.
+    socket_mode: str = "0660"
+    # Seconds the MTA may leave a connection idle before it is dropped.
+    timeout: int = _opt(300, minimum=1, maximum=86400)
+    # Body bytes kept per message for DKIM; a longer body is not kept in
+    # memory past this, and its signatures give permerror.
+    max_body_bytes: int = _opt(64 * 1024 * 1024, minimum=1024, maximum=1024**3)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    # One line per message: "logfmt" (key=value) or "json".
+    format: str = _opt("logfmt", choices=("logfmt", "json"))
+    # "stderr" (journald under systemd) or "syslog" (/dev/log).
+    target: str = _opt("stderr", choices=("stderr", "syslog"))
+    syslog_facility: str = _opt("mail", choices=SYSLOG_FACILITIES)
+    level: str = _opt("info", choices=("debug", "info", "warning", "error"))
 
 
 @dataclass(frozen=True)
@@ -105,6 +182,10 @@ class Config:
     spf: SPFConfig = field(default_factory=SPFConfig)
     dkim: DKIMConfig = field(default_factory=DKIMConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    headers: HeadersConfig = field(default_factory=HeadersConfig)
+    milter: MilterConfig = field(default_factory=MilterConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
 
@@ -178,7 +259,121 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
             parse_database_url(config.database.url)
         except ValueError as exc:
             raise ConfigError(f"{source}: database.url: {exc}") from None
+    checks: list[tuple[str, Any, Any]] = [
+        ("milter.socket", config.milter.socket, parse_socket),
+        ("milter.socket_mode", config.milter.socket_mode, _socket_mode),
+        ("policy.quarantine_header", config.policy.quarantine_header, parse_header_line),
+        ("policy.reject_text", config.policy.reject_text, _reply_text),
+        ("policy.tempfail_text", config.policy.tempfail_text, _reply_text),
+    ]
+    checks += [("clients.trusted_networks", n, _network) for n in config.clients.trusted_networks]
+    domain_lists = {
+        "policy.enforce_reject_domains": config.policy.enforce_reject_domains,
+        "policy.trusted_arc_sealers": config.policy.trusted_arc_sealers,
+        "headers.owned_authserv_ids": config.headers.owned_authserv_ids,
+        "headers.trusted_authserv_ids": config.headers.trusted_authserv_ids,
+    }
+    checks += [(key, v, _name) for key, values in domain_lists.items() for v in values]
+    for key, value, check in checks:
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+    owned = {i.lower().rstrip(".") for i in config.headers.owned_authserv_ids}
+    if config.authserv_id:
+        owned.add(config.authserv_id.lower().rstrip("."))
+    trusted = {i.lower().rstrip(".") for i in config.headers.trusted_authserv_ids}
+    if owned & trusted:
+        raise ConfigError(
+            f"{source}: headers.trusted_authserv_ids: {sorted(owned & trusted)[0]!r} is also "
+            "an authserv-id of ours; results claiming our own id are always removed"
+        )
     return config
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSpec:
+    """Where the milter listens, as libmilter spells it."""
+
+    family: str  # "inet", "inet6" or "unix"
+    address: str  # host or path
+    port: int = 0
+
+    @property
+    def libmilter(self) -> str:
+        if self.family == "unix":
+            return f"unix:{self.address}"
+        return f"{self.family}:{self.port}@{self.address}"
+
+
+def parse_socket(spec: str) -> SocketSpec:
+    """``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:PATH`` or
+    ``local:PATH``; ValueError with what is wrong."""
+    family, colon, rest = spec.partition(":")
+    family = family.lower()
+    if not colon or not rest:
+        raise ValueError(f"expected inet:PORT@HOST, inet6:PORT@HOST or unix:PATH, got {spec!r}")
+    if family in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ValueError(f"a unix socket needs an absolute path, got {rest!r}")
+        return SocketSpec("unix", rest)
+    if family not in ("inet", "inet6"):
+        raise ValueError(f"unknown socket type {family!r}: use inet, inet6 or unix")
+    port_text, _, host = rest.partition("@")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535, got {port_text!r}")
+    host = host or ("0.0.0.0" if family == "inet" else "::")
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ValueError(f"the host must be an IP address, got {host!r}") from None
+    if (address.version == 6) != (family == "inet6"):
+        raise ValueError(
+            f"{family} needs an IPv{4 if family == 'inet' else 6} address, got {host!r}"
+        )
+    return SocketSpec(family, str(address), int(port_text))
+
+
+def parse_header_line(text: str) -> tuple[str, str]:
+    """``Name: value`` as (name, value); ValueError unless it is one valid
+    header field (RFC 5322 §2.2) on one line."""
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not name or not value:
+        raise ValueError(f"expected 'Name: value', got {text!r}")
+    if not all(33 <= ord(c) <= 126 and c != ":" for c in name):
+        raise ValueError(f"{name!r} is not a valid header field name")
+    if not all(32 <= ord(c) <= 126 or c == "\t" for c in value):
+        raise ValueError("the value must be printable ASCII on one line")
+    return name, value
+
+
+def _socket_mode(text: str) -> None:
+    if not (len(text) in (3, 4) and all(c in "01234567" for c in text)):
+        raise ValueError(f"expected an octal mode such as 0660, got {text!r}")
+
+
+def _reply_text(text: str) -> None:
+    # Sent as an SMTP reply: printable ASCII.  libmilter drops a reply
+    # containing a single "%", and prints "%%" doubled, so "%" is refused.
+    if not text or not all(32 <= ord(c) <= 126 for c in text) or "%" in text:
+        raise ValueError("must be printable ASCII on one line, without '%'")
+    try:
+        text.format(domain="example.com")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"the only placeholder allowed is {{domain}}: {text!r}") from None
+
+
+def _network(text: str) -> None:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a network in CIDR notation") from None
+
+
+def _name(text: str) -> None:
+    if not text or not all(33 <= ord(c) <= 126 for c in text):
+        raise ValueError(f"{text!r} is not a domain name or authserv-id")
 
 
 def _build(cls: type[Any], data: dict[str, Any], source: str, prefix: str) -> Any:

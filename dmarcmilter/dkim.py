@@ -406,6 +406,12 @@ def verify_dkim(
     return DKIMOutcome(tuple(results))
 
 
+def unverified(message: bytes, reason: str) -> DKIMOutcome:
+    """Every signature of ``message`` as permerror with ``reason``, without
+    verifying: for a message whose body was too large to keep."""
+    return DKIMOutcome(tuple(_unverifiable(v, reason) for v in _scan_signature_values(message)))
+
+
 def _verify_one(
     engine: _Engine,
     header: Sequence[bytes],

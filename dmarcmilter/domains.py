@@ -82,3 +82,14 @@ def to_unicode(domain: str) -> str:
         return dns.name.from_text(domain).to_unicode(omit_final_dot=True)
     except Exception:
         return domain
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_casefold(name: str) -> str:
+    """``name`` stripped of whitespace and a trailing dot, with only ASCII
+    letters lowered.  For comparing names as DNS does (RFC 4343): str.lower
+    would also map, say, the Kelvin sign to "k", letting a look-alike name
+    match a configured one."""
+    return name.strip().rstrip(".").translate(_ASCII_LOWER)

@@ -16,13 +16,15 @@ from .arc import verify_arc
 from .author import extract_author
 from .config import Config
 from .discovery import Discoverer, DiscoveryMethod, load_psl
-from .dkim import verify_dkim
+from .dkim import unverified, verify_dkim
 from .dmarc import DMARCOutcome, evaluate_dmarc
 from .errors import InputError
 from .message import Message
 from .resolver import DNSSession, Resolver, ResolverSettings
 from .results import ARCOutcome, AuthorResult, DKIMOutcome, SPFOutcome
 from .spf import check_spf
+
+LIST_HEADERS = ("list-id", "list-post")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,20 @@ class Evaluation:
     arc: ARCOutcome
     dmarc: DMARCOutcome
     evaluated_at: dt.datetime
+    # List-Id (RFC 2919) or List-Post (RFC 2369) present: mailing-list mail,
+    # which local policy may treat more gently (RFC 9989 §7.4).
+    mailing_list: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResults:
+    """SPF and DKIM results an upstream host we trust already recorded in
+    Authentication-Results (RFC 8601 §5); a check it did not record is run
+    here.  See :mod:`dmarcmilter.upstream`."""
+
+    authserv_id: str
+    spf: SPFOutcome | None = None
+    dkim: DKIMOutcome | None = None
 
 
 def evaluate(
@@ -76,8 +92,15 @@ def evaluate(
     config: Config,
     *,
     now: dt.datetime | None = None,
+    upstream: UpstreamResults | None = None,
+    body_cut_at: int | None = None,
 ) -> Evaluation:
-    """Run every check on one message, in the order RFC 9989 §5.3 needs."""
+    """Run every check on one message, in the order RFC 9989 §5.3 needs.
+
+    ``upstream`` supplies results to use instead of checking; ``body_cut_at``
+    says the body was longer than the bytes kept (the milter's limit), so
+    DKIM cannot be verified and each signature is a permerror.
+    """
     evaluated_at = now or dt.datetime.now(dt.UTC)
     method = DiscoveryMethod(config.dmarc.discovery_method)
     psl = load_psl(config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
@@ -86,23 +109,32 @@ def evaluate(
     author = extract_author(message.headers)
     # 2-3. The Authenticated Identifiers: SPF on MAIL FROM (and HELO), DKIM on
     # every signature.  ARC is recorded for local policy (trusted forwarders).
-    spf = check_spf(
-        session,
-        envelope.client_ip,
-        envelope.helo,
-        envelope.mail_from,
-        check_helo=config.spf.check_helo,
-    )
-    dkim = verify_dkim(
-        message.raw,
-        session,
-        max_signatures=config.dkim.max_signatures,
-        min_key_bits=config.dkim.min_key_bits,
-    )
+    if upstream is not None and upstream.spf is not None:
+        spf = upstream.spf
+    else:
+        spf = check_spf(
+            session,
+            envelope.client_ip,
+            envelope.helo,
+            envelope.mail_from,
+            check_helo=config.spf.check_helo,
+        )
+    if upstream is not None and upstream.dkim is not None:
+        dkim = upstream.dkim
+    elif body_cut_at is not None:
+        dkim = unverified(message.raw, f"body larger than {body_cut_at} bytes was not verified")
+    else:
+        dkim = verify_dkim(
+            message.raw,
+            session,
+            max_signatures=config.dkim.max_signatures,
+            min_key_bits=config.dkim.min_key_bits,
+        )
     arc = verify_arc(message.raw, session)
     # 4-5. Policy discovery, alignment and the DMARC result.
     dmarc = evaluate_dmarc(author, spf, dkim, Discoverer(session, method, psl))
-    return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at)
+    mailing_list = any(name.lower() in LIST_HEADERS for name, _ in message.headers)
+    return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at, mailing_list)
 
 
 def resolver_from_config(config: Config) -> Resolver:

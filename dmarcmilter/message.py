@@ -68,15 +68,27 @@ class Message:
         return cls(parsed, raw)
 
     @classmethod
-    def from_parts(cls, headers: list[tuple[str, str]], body: bytes) -> Message:
-        """Build from milter callbacks: header (name, value) pairs and the body."""
+    def from_parts(
+        cls, headers: list[tuple[str, str]], body: bytes, *, leading_space: bool = False
+    ) -> Message:
+        """Build from milter callbacks: header (name, value) pairs and the body.
+
+        With ``leading_space`` the values are exactly what followed the colon
+        (the milter protocol's SMFIP_HDR_LEADSPC), so the header section is
+        rebuilt byte for byte, as DKIM's simple canonicalisation needs;
+        otherwise the MTA dropped one space after the colon and one is put
+        back.
+        """
         lines = []
+        fields = []
+        separator = ":" if leading_space else ": "
         for name, value in headers:
             # The MTA hands us folded values with bare LF; DKIM needs CRLF.
             folded = value.replace("\r\n", "\n").replace("\n", "\r\n")
-            lines.append(f"{name}: {folded}".encode("utf-8", "surrogateescape"))
+            lines.append(f"{name}{separator}{folded}".encode("utf-8", "surrogateescape"))
+            fields.append((name, value.lstrip(" \t") if leading_space else value))
         raw = b"\r\n".join(lines) + b"\r\n\r\n" + _to_crlf(body)
-        return cls(tuple(headers), raw)
+        return cls(tuple(fields), raw)
 
 
 def _split_head_body(data: bytes) -> tuple[bytes, bytes, bytes]:

@@ -60,6 +60,43 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("[spf]\ncheck_helo = 1\n", "spf.check_helo: expected true or false, got 1"),
         ("dns = 5\n", "dns: expected a table [dns]"),
         ("[dns\n", "invalid TOML"),
+        ('[milter]\nsocket = "8893"\n', "milter.socket: expected inet:PORT@HOST"),
+        ('[milter]\nsocket = "tcp:25@1.2.3.4"\n', "milter.socket: unknown socket type 'tcp'"),
+        ('[milter]\nsocket = "inet:99999@127.0.0.1"\n', "milter.socket: port must be a number"),
+        ('[milter]\nsocket = "inet:25@localhost"\n', "milter.socket: the host must be an IP"),
+        ('[milter]\nsocket = "inet6:25@127.0.0.1"\n', "milter.socket: inet6 needs an IPv6"),
+        ('[milter]\nsocket = "unix:relative.sock"\n', "milter.socket: a unix socket needs an"),
+        ('[milter]\nsocket_mode = "rw"\n', "milter.socket_mode: expected an octal mode"),
+        ("[milter]\nmax_body_bytes = 10\n", "milter.max_body_bytes: must be at least 1024"),
+        (
+            '[clients]\ntrusted_networks = ["10.0.0.0/33"]\n',
+            "clients.trusted_networks: '10.0.0.0/33'",
+        ),
+        ('[clients]\ntrusted_networks = ["mx.example"]\n', "is not a network in CIDR notation"),
+        ('[policy]\nquarantine_action = "drop"\n', "policy.quarantine_action: must be one of"),
+        (
+            '[policy]\nquarantine_header = "X-Spam"\n',
+            "policy.quarantine_header: expected 'Name: value'",
+        ),
+        (
+            '[policy]\nquarantine_header = "X Spam: yes"\n',
+            "'X Spam' is not a valid header field name",
+        ),
+        ('[policy]\nreject_text = "100% spam"\n', "policy.reject_text: must be printable ASCII"),
+        (
+            '[policy]\nreject_text = "for {dom}"\n',
+            "policy.reject_text: the only placeholder allowed",
+        ),
+        ('[policy]\ntempfail_text = ""\n', "policy.tempfail_text: must be printable ASCII"),
+        ('[policy]\ntemperror_action = "defer"\n', "policy.temperror_action: must be one of"),
+        ('[policy]\nenforce_reject_domains = ["a b"]\n', "policy.enforce_reject_domains: 'a b'"),
+        ('[log]\nformat = "text"\n', "log.format: must be one of 'logfmt', 'json'"),
+        ('[log]\nsyslog_facility = "kern"\n', "log.syslog_facility: must be one of"),
+        ('[headers]\nreceived_spf = "yes"\n', "headers.received_spf: expected true or false"),
+        (
+            'authserv_id = "mx.example"\n[headers]\ntrusted_authserv_ids = ["MX.example"]\n',
+            "headers.trusted_authserv_ids: 'mx.example' is also an authserv-id of ours",
+        ),
     ],
 )
 def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -73,3 +110,13 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> No
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_socket_specs() -> None:
+    from dmarcmilter.config import parse_socket
+
+    assert parse_socket("inet:8893@127.0.0.1").libmilter == "inet:8893@127.0.0.1"
+    assert parse_socket("inet6:8893@[::1]").libmilter == "inet6:8893@::1"
+    assert parse_socket("inet:8893").libmilter == "inet:8893@0.0.0.0"
+    unix = parse_socket("local:/run/dmarcmilter/milter.sock")
+    assert (unix.family, unix.libmilter) == ("unix", "unix:/run/dmarcmilter/milter.sock")

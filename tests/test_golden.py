@@ -82,6 +82,34 @@ CASES: dict[str, tuple[Callable[[], bytes], tuple[str, str, str], dict[str, Any]
         {},
     ),
     "arc_forwarded_body_changed": (_arc_forwarded, BAD, {}),
+    "fail_reject_enforced": (
+        lambda: make_message(from_="ceo@example.com"),
+        BAD,
+        {"enforce_reject": True},
+    ),
+    "fail_held": (
+        lambda: make_message(from_="ceo@example.com"),
+        BAD,
+        {"quarantine_action": "hold"},
+    ),
+    "fail_monitor_mode": (
+        lambda: make_message(from_="ceo@example.com"),
+        BAD,
+        {"monitor": True, "enforce_reject": True},
+    ),
+    "mailing_list_downgraded": (
+        lambda: make_message(
+            from_="ceo@example.com", extra_headers={"List-Id": "<team.lists.example.net>"}
+        ),
+        BAD,
+        {"enforce_reject": True},
+    ),
+    "temperror_tempfail": (
+        lambda: make_message(from_="a@slow.example"),
+        BAD,
+        {"temperror_action": "tempfail"},
+    ),
+    "arc_trusted_forwarder": (_arc_forwarded, BAD, {"trusted_arc_sealers": ("lists.example.net",)}),
     "multiple_from_rejected": (
         lambda: b"From: a@example.com\r\nFrom: b@example.org\r\nTo: u@r.example\r\n\r\nhi\r\n",
         BAD,
@@ -108,7 +136,10 @@ def test_golden(name: str, dns_server: TestDNSServer, resolver: Resolver) -> Non
     output = (
         f"Authentication-Results: {render(evaluation, AUTHSERV_ID)}\n"
         f"Disposition: {decision.disposition.value}\n"
-        f"Action: {decision.action.value}\n"
+        f"Action: {decision.action.value}"
+        + (f" ({decision.quarantine.value})" if decision.quarantine else "")
+        + (f" (monitor mode: would {decision.monitored.value})" if decision.monitored else "")
+        + "\n"
         f"Reasons: {', '.join(r.reason.value for r in decision.reasons) or '-'}\n"
         f"SMTP reply: {decision.reply or '-'}\n"
     )

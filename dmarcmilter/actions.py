@@ -1,0 +1,113 @@
+"""The act step: the header edits and the verdict the milter asks the MTA for.
+
+From an evaluation and its decision, :func:`plan` builds everything the
+milter does at end-of-message, as plain data, so that the milter only
+carries it out and the tests can check it without an MTA:
+
+* remove every incoming Authentication-Results field that claims our
+  authserv-id, or another one we own: RFC 8601 §5 says an MTA MUST delete
+  them, since they are forgeries when they arrive from outside;
+* add our Authentication-Results at the top (RFC 8601 §5 ordering, like a
+  trace field), and optionally a Received-SPF field (RFC 7208 §9.1);
+* add the quarantine marker or the monitor-mode note the decision asks for;
+* the verdict: accept, quarantine (marked or held), reject or tempfail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Set
+from dataclasses import dataclass
+
+from .authres import authserv_id_of
+from .authresults import render, render_received_spf
+from .config import Config, parse_header_line
+from .evaluation import Evaluation
+from .policy import Action, Decision, QuarantineMethod, SMTPReply
+from .upstream import AUTHENTICATION_RESULTS, norm_id
+
+MONITOR_HEADER = "X-DMARC-Monitor"
+
+
+@dataclass(frozen=True, slots=True)
+class MilterActions:
+    # (field name as received, its 1-based index among fields of that
+    # name): the numbering smfi_chgheader uses.
+    remove: tuple[tuple[str, int], ...] = ()
+    # Inserted at the top, topmost first.
+    prepend: tuple[tuple[str, str], ...] = ()
+    # Added at the end of the header.
+    append: tuple[tuple[str, str], ...] = ()
+    verdict: Action = Action.ACCEPT
+    reply: SMTPReply | None = None
+    # For smfi_quarantine (the MTA's hold queue).
+    hold_reason: str | None = None
+
+
+def forged_fields(
+    headers: Iterable[tuple[str, str]], owned: Set[str]
+) -> tuple[tuple[str, int], ...]:
+    """The Authentication-Results fields claiming an authserv-id in
+    ``owned`` (normalised with :func:`upstream.norm_id`)."""
+    seen = 0
+    forged = []
+    for name, value in headers:
+        if name.lower() != AUTHENTICATION_RESULTS:
+            continue
+        seen += 1
+        # A field too malformed to parse still names its authserv-id first;
+        # one that names none at all cannot be attributed to us.
+        authserv_id = authserv_id_of(value)
+        if authserv_id is not None and norm_id(authserv_id) in owned:
+            forged.append((name, seen))
+    return tuple(forged)
+
+
+def plan(
+    evaluation: Evaluation,
+    decision: Decision,
+    headers: Iterable[tuple[str, str]],
+    config: Config,
+    authserv_id: str,
+    owned: Set[str],
+) -> MilterActions:
+    """Everything to do for an evaluated message."""
+    remove = forged_fields(headers, owned)
+    if decision.action in (Action.REJECT, Action.TEMPFAIL):
+        # The message is refused: there is nothing to edit.
+        return MilterActions(verdict=decision.action, reply=decision.reply)
+    prepend = [("Authentication-Results", render(evaluation, authserv_id))]
+    if config.headers.received_spf:
+        prepend.insert(0, ("Received-SPF", render_received_spf(evaluation, authserv_id)))
+    append: list[tuple[str, str]] = []
+    hold_reason = None
+    dmarc = evaluation.dmarc
+    if decision.quarantine is QuarantineMethod.HEADER:
+        append.append(parse_header_line(config.policy.quarantine_header))
+    elif decision.quarantine is QuarantineMethod.HOLD:
+        policy = dmarc.policy.value if dmarc.policy else "none"
+        hold_reason = f"DMARC {dmarc.result.value} under policy {policy} of {dmarc.author_domain}"
+    if decision.monitored is not None:
+        append.append((MONITOR_HEADER, monitor_note(evaluation, decision)))
+    return MilterActions(
+        remove, tuple(prepend), tuple(append), decision.action, decision.reply, hold_reason
+    )
+
+
+def plan_unevaluated(headers: Iterable[tuple[str, str]], owned: Set[str]) -> MilterActions:
+    """A message that is not evaluated (a trusted client): forged fields are
+    removed all the same, because the message may be delivered locally."""
+    return MilterActions(remove=forged_fields(headers, owned))
+
+
+def monitor_note(evaluation: Evaluation, decision: Decision) -> str:
+    dmarc = evaluation.dmarc
+    what = decision.monitored.value if decision.monitored else "accept"
+    for reason in decision.reasons:
+        # The monitor-mode reason says how a quarantine would be done.
+        if reason.comment.startswith("monitor mode: "):
+            what = reason.comment.removeprefix("monitor mode: ")
+    policy = dmarc.policy.value if dmarc.policy else "none"
+    return (
+        f"would {what}; dmarc={dmarc.result.value} policy={policy} "
+        f"header.from={dmarc.author_domain or 'unknown'}"
+    )

@@ -1,0 +1,336 @@
+"""The policy step (RFC 9989 §7-8, digest §4.3) and the act step's plan,
+on real evaluations against the loopback DNS server."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dmarcmilter.actions import MONITOR_HEADER, forged_fields, plan, plan_unevaluated
+from dmarcmilter.config import Config, DNSConfig, HeadersConfig, PolicyConfig
+from dmarcmilter.dmarc import OverrideReason
+from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
+from dmarcmilter.message import Message
+from dmarcmilter.policy import Action, Decision, Disposition, QuarantineMethod, decide
+from dmarcmilter.resolver import Resolver
+from dmarcmilter.upstream import norm_id
+from tests.dnsserver import TestDNSServer
+from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
+
+NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
+ZONE: dict[str, Any] = {
+    "example.com": [("A", "192.0.2.80")],
+    "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject; rua=mailto:agg@example.com")],
+    "example.org": [("A", "192.0.2.90")],
+    "_dmarc.example.org": [("TXT", "v=DMARC1; p=quarantine")],
+    "testing.example": [("A", "192.0.2.91")],
+    "_dmarc.testing.example": [("TXT", "v=DMARC1; p=quarantine; t=y")],
+    "relaxed.example": [("A", "192.0.2.92")],
+    "_dmarc.relaxed.example": [("TXT", "v=DMARC1; p=none")],
+    "bounce.example.com": [("TXT", "v=spf1 ip4:192.0.2.0/24 -all")],
+    "lists.example.net": [("TXT", "v=spf1 ip4:198.51.100.0/24 -all")],
+    "_dmarc.slow.example": "TIMEOUT",
+    **dkim_zone("example.com", "s1"),
+    **dkim_zone("lists.example.net", "arc"),
+}
+GOOD = ("192.0.2.1", "mx.example.com", "bounce@bounce.example.com")
+BAD = ("203.0.113.66", "evil.example", "x@elsewhere.example")
+
+Evaluator = Callable[..., Evaluation]
+
+
+@pytest.fixture
+def run(dns_server: TestDNSServer, resolver: Resolver) -> Evaluator:
+    dns_server.set_zone(ZONE)
+
+    def evaluate_message(message: bytes, envelope: tuple[str, str, str] = BAD) -> Evaluation:
+        config = Config(
+            dns=DNSConfig(nameservers=("127.0.0.1",), port=dns_server.port, timeout=0.3)
+        )
+        env = Envelope.create(*envelope, ["user@receiver.example"], "4QID")
+        return evaluate(env, Message.from_bytes(message), resolver.session(), config, now=NOW)
+
+    return evaluate_message
+
+
+def signed() -> bytes:
+    return dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
+
+
+def reasons(decision: Decision) -> list[str]:
+    return [r.reason.value for r in decision.reasons]
+
+
+def test_pass_under_an_enforcing_policy(run: Evaluator) -> None:
+    decision = decide(run(signed(), GOOD), PolicyConfig())
+    assert decision == Decision(Disposition.PASS, Action.ACCEPT)
+
+
+def test_p_reject_failure_is_quarantined_by_default(run: Evaluator) -> None:
+    decision = decide(run(make_message(from_="ceo@example.com")), PolicyConfig())
+    assert (decision.disposition, decision.action, decision.quarantine) == (
+        Disposition.QUARANTINE,
+        Action.QUARANTINE,
+        QuarantineMethod.HEADER,
+    )
+    assert reasons(decision) == ["local_policy"]
+    assert decision.reply is None
+
+
+def test_enforced_rejection_names_the_domain(run: Evaluator) -> None:
+    decision = decide(run(make_message(from_="ceo@example.com")), PolicyConfig(enforce_reject=True))
+    assert (decision.disposition, decision.action) == (Disposition.REJECT, Action.REJECT)
+    assert str(decision.reply) == "550 5.7.1 Message rejected per DMARC policy for example.com"
+    assert decision.reasons == ()
+
+
+@pytest.mark.parametrize(
+    ("domains", "rejected"),
+    [(("example.com",), True), (("EXAMPLE.com.",), True), (("other.example",), False)],
+)
+def test_rejection_for_listed_domains(
+    run: Evaluator, domains: tuple[str, ...], rejected: bool
+) -> None:
+    config = PolicyConfig(enforce_reject_domains=domains, reject_text="No ({domain})")
+    decision = decide(run(make_message(from_="ceo@example.com")), config)
+    assert (decision.action is Action.REJECT) is rejected
+    if rejected:
+        assert str(decision.reply) == "550 5.7.1 No (example.com)"
+
+
+def test_mailing_list_mail_is_downgraded(run: Evaluator) -> None:
+    listed = make_message(
+        from_="ceo@example.com", extra_headers={"List-Id": "<team.lists.example.net>"}
+    )
+    decision = decide(run(listed), PolicyConfig(enforce_reject=True))
+    assert (decision.disposition, decision.action) == (Disposition.QUARANTINE, Action.QUARANTINE)
+    assert reasons(decision) == ["mailing_list"]
+    posted = make_message(
+        from_="ceo@example.com", extra_headers={"List-Post": "<mailto:x@l.example>"}
+    )
+    assert reasons(decide(run(posted), PolicyConfig())) == ["mailing_list"]
+    off = PolicyConfig(enforce_reject=True, mailing_list_downgrade=False)
+    assert decide(run(listed), off).action is Action.REJECT
+
+
+@pytest.mark.parametrize(
+    ("action", "disposition", "verdict", "method", "why"),
+    [
+        ("header", Disposition.QUARANTINE, Action.QUARANTINE, QuarantineMethod.HEADER, []),
+        ("hold", Disposition.QUARANTINE, Action.QUARANTINE, QuarantineMethod.HOLD, []),
+        ("reject", Disposition.REJECT, Action.REJECT, None, ["local_policy"]),
+        ("accept", Disposition.NONE, Action.ACCEPT, None, ["local_policy"]),
+    ],
+)
+def test_quarantine_actions(
+    run: Evaluator,
+    action: str,
+    disposition: Disposition,
+    verdict: Action,
+    method: QuarantineMethod | None,
+    why: list[str],
+) -> None:
+    decision = decide(
+        run(make_message(from_="bob@example.org")), PolicyConfig(quarantine_action=action)
+    )
+    assert (decision.disposition, decision.action, decision.quarantine) == (
+        disposition,
+        verdict,
+        method,
+    )
+    assert reasons(decision) == why
+
+
+def test_testing_mode_lowers_quarantine_to_none(run: Evaluator) -> None:
+    decision = decide(run(make_message(from_="a@testing.example")), PolicyConfig())
+    assert (decision.disposition, decision.action) == (Disposition.NONE, Action.ACCEPT)
+    assert reasons(decision) == ["policy_test_mode"]
+
+
+def test_p_none_failure_changes_nothing(run: Evaluator) -> None:
+    decision = decide(
+        run(make_message(from_="a@relaxed.example")), PolicyConfig(enforce_reject=True)
+    )
+    assert decision == Decision(Disposition.NONE, Action.ACCEPT)
+
+
+def test_temperror_accepts_or_tempfails(run: Evaluator) -> None:
+    evaluation = run(make_message(from_="a@slow.example"))
+    assert evaluation.dmarc.result.value == "temperror"
+    assert decide(evaluation, PolicyConfig()) == Decision(Disposition.NONE, Action.ACCEPT)
+    decision = decide(evaluation, PolicyConfig(temperror_action="tempfail"))
+    assert decision.action is Action.TEMPFAIL
+    assert str(decision.reply) == (
+        "451 4.7.0 DMARC policy for slow.example could not be checked; try again later"
+    )
+
+
+def test_out_of_scope_from(run: Evaluator) -> None:
+    two = b"From: a@example.com\r\nFrom: b@example.org\r\n\r\nhi\r\n"
+    assert decide(run(two), PolicyConfig()).action is Action.ACCEPT
+    decision = decide(run(two), PolicyConfig(out_of_scope="reject"))
+    assert decision.action is Action.REJECT and decision.reply is not None
+    assert decision.reply.code == "550"
+
+
+def test_monitor_mode_never_acts(run: Evaluator) -> None:
+    evaluation = run(make_message(from_="ceo@example.com"))
+    decision = decide(evaluation, PolicyConfig(monitor=True, quarantine_action="hold"))
+    assert (decision.disposition, decision.action, decision.monitored) == (
+        Disposition.NONE,
+        Action.ACCEPT,
+        Action.QUARANTINE,
+    )
+    assert [(r.reason.value, r.comment) for r in decision.reasons][-1] == (
+        "local_policy",
+        "monitor mode: quarantine (hold)",
+    )
+    monitored = decide(evaluation, PolicyConfig(monitor=True, enforce_reject=True))
+    assert monitored.monitored is Action.REJECT and monitored.reply is None
+    # A pass is not an action: nothing to note.
+    assert decide(run(signed(), GOOD), PolicyConfig(monitor=True)).monitored is None
+
+
+def arc_forwarded(results: str) -> bytes:
+    # A list saw a valid signature, then added a footer (breaking DKIM) and
+    # sealed the message with what it saw.
+    with_footer = signed() + b"-- \r\nlist footer\r\n"
+    return arc_seal(
+        with_footer, "lists.example.net", "arc", authserv_id="lists.example.net", results=results
+    )
+
+
+@pytest.mark.parametrize(
+    ("results", "trusted", "vouched"),
+    [
+        ("dkim=pass header.d=example.com; dmarc=pass header.from=example.com", True, True),
+        ("dmarc=pass header.from=example.com", True, True),
+        ("dkim=pass header.d=mail.example.com", True, True),  # relaxed alignment
+        ("spf=pass smtp.mailfrom=bounce@example.com", True, True),
+        ("dkim=pass header.d=example.net; dmarc=fail header.from=example.com", True, False),
+        ("dmarc=pass header.from=example.com", False, False),
+    ],
+)
+def test_trusted_arc_sealer(run: Evaluator, results: str, trusted: bool, vouched: bool) -> None:
+    evaluation = run(arc_forwarded(results))
+    assert (evaluation.dmarc.result.value, evaluation.arc.result.value) == ("fail", "pass")
+    sealers = ("Lists.Example.Net",) if trusted else ("other.example",)
+    decision = decide(evaluation, PolicyConfig(trusted_arc_sealers=sealers))
+    if vouched:
+        assert (decision.disposition, decision.action) == (Disposition.NONE, Action.ACCEPT)
+        assert reasons(decision) == ["trusted_forwarder"]
+        assert "lists.example.net" in decision.reasons[0].comment
+    else:
+        assert decision.action is Action.QUARANTINE
+
+
+def test_a_broken_arc_chain_vouches_for_nothing(run: Evaluator) -> None:
+    sealed = arc_forwarded("dmarc=pass header.from=example.com")
+    tampered = sealed.replace(b"list footer", b"list f00ter")
+    evaluation = run(tampered)
+    assert evaluation.arc.result.value == "fail"
+    decision = decide(evaluation, PolicyConfig(trusted_arc_sealers=("lists.example.net",)))
+    assert decision.action is Action.QUARANTINE
+
+
+# -- the act step's plan -----------------------------------------------------------
+
+OWNED = frozenset({"mx.receiver.example", "mx2.receiver.example"})
+
+
+def config(**headers: Any) -> Config:
+    return Config(authserv_id="mx.receiver.example", headers=HeadersConfig(**headers))
+
+
+def test_forged_authentication_results_are_found_by_index() -> None:
+    headers = [
+        ("Received", "from a by b"),
+        ("Authentication-Results", "upstream.example; spf=pass smtp.mailfrom=a@b.example"),
+        ("authentication-results", " MX.Receiver.Example.; dmarc=pass header.from=x.example"),
+        ("Authentication-Results", "mx2.receiver.example; garbage (((("),
+        ("Authentication-Results", "(only a comment"),
+        ("X-Other", "mx.receiver.example; dmarc=pass"),
+    ]
+    assert forged_fields(headers, OWNED) == (
+        ("authentication-results", 2),
+        ("Authentication-Results", 3),
+    )
+    assert plan_unevaluated(headers, OWNED).remove == forged_fields(headers, OWNED)
+
+
+def test_plan_for_a_quarantined_message(run: Evaluator) -> None:
+    evaluation = run(make_message(from_="ceo@example.com"))
+    decision = decide(evaluation, PolicyConfig())
+    forged = [("Authentication-Results", "mx.receiver.example; dmarc=pass header.from=example.com")]
+    actions = plan(
+        evaluation, decision, forged, config(received_spf=True), "mx.receiver.example", OWNED
+    )
+    assert actions.remove == (("Authentication-Results", 1),)
+    assert [name for name, _ in actions.prepend] == ["Received-SPF", "Authentication-Results"]
+    received_spf = actions.prepend[0][1]
+    assert received_spf.startswith("none (") and "client-ip=203.0.113.66;" in received_spf
+    assert "envelope-from=x@elsewhere.example;" in received_spf and received_spf.endswith(
+        "identity=mailfrom"
+    )
+    assert actions.prepend[1][1].startswith("mx.receiver.example;")
+    assert "dmarc=fail" in actions.prepend[1][1]
+    assert actions.append == (("X-Spam-Flag", "YES"),)
+    assert (actions.verdict, actions.hold_reason, actions.reply) == (Action.QUARANTINE, None, None)
+
+
+def test_plan_for_held_and_monitored_messages(run: Evaluator) -> None:
+    evaluation = run(make_message(from_="ceo@example.com"))
+    held = plan(
+        evaluation,
+        decide(evaluation, PolicyConfig(quarantine_action="hold")),
+        [],
+        config(),
+        "mx.receiver.example",
+        OWNED,
+    )
+    assert held.append == ()
+    assert held.hold_reason == "DMARC fail under policy reject of example.com"
+    monitored = plan(
+        evaluation,
+        decide(evaluation, PolicyConfig(monitor=True, enforce_reject=True)),
+        [],
+        config(),
+        "mx.receiver.example",
+        OWNED,
+    )
+    assert monitored.verdict is Action.ACCEPT and monitored.hold_reason is None
+    assert monitored.append == (
+        (MONITOR_HEADER, "would reject; dmarc=fail policy=reject header.from=example.com"),
+    )
+
+
+def test_plan_for_a_rejected_message_edits_nothing(run: Evaluator) -> None:
+    evaluation = run(make_message(from_="ceo@example.com"))
+    decision = decide(evaluation, PolicyConfig(enforce_reject=True))
+    actions = plan(evaluation, decision, [], config(), "mx.receiver.example", OWNED)
+    assert (actions.prepend, actions.append, actions.verdict) == ((), (), Action.REJECT)
+    assert actions.reply == decision.reply
+
+
+def test_norm_id() -> None:
+    assert norm_id(" MX.Example. ") == "mx.example"
+
+
+def test_reasons_vocabulary_is_rfc_9990() -> None:
+    assert {r.value for r in OverrideReason} == {
+        "local_policy",
+        "mailing_list",
+        "other",
+        "policy_test_mode",
+        "trusted_forwarder",
+    }
+
+
+def test_decisions_are_immutable(run: Evaluator) -> None:
+    decision = decide(run(signed(), GOOD), PolicyConfig())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.action = Action.REJECT  # type: ignore[misc]
