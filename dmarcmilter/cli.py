@@ -1,8 +1,8 @@
 """The ``dmarcmilter`` command: one entry point, several subcommands.
 
-``check`` shows what a receiver discovers for a domain; ``evaluate`` runs the
-whole evaluation of one stored message.  Both are thin drivers of the same
-core the milter uses.  ``db upgrade|status|prune`` manage the history
+``run`` is the milter daemon; ``check`` shows what a receiver discovers for a
+domain; ``evaluate`` runs the whole evaluation of one stored message.  All
+three are thin drivers of the same core.  ``db upgrade|status|prune`` manage the history
 store.  Bad input ends with one line on stderr and exit status 2, never a
 traceback.
 """
@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rcpt-to", action="append", default=[], metavar="ADDR")
     ev.add_argument("--authserv-id", metavar="ID", help="authserv-id for Authentication-Results")
     common(ev)
+
+    run = sub.add_parser(
+        "run", help="run the milter daemon in the foreground (SIGTERM stops, SIGHUP reloads)"
+    )
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
 
     db = sub.add_parser("db", help="manage the history database")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
@@ -295,10 +300,16 @@ def cmd_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    return run(args.config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"check": cmd_check, "evaluate": cmd_evaluate, "db": cmd_db}
+    handlers = {"check": cmd_check, "evaluate": cmd_evaluate, "db": cmd_db, "run": cmd_run}
     try:
         return handlers[args.command](args)
     except (InputError, DmarcMilterError) as exc:

@@ -1,0 +1,315 @@
+"""``dmarcmilter run``: the long-running milter process.
+
+Start-up: load and check the configuration, set up logging, prepare the
+history database (an empty one is created; one at an older schema makes the
+daemon refuse to start, an unreachable one does not), start the history
+writer, open the milter socket, and serve.
+
+Signals.  libmilter blocks SIGTERM, SIGHUP and SIGINT in the thread that runs
+its main loop and every thread it starts, and waits for them in a thread of
+its own, which treats SIGHUP like SIGTERM.  So libmilter runs in a secondary
+thread, and the Python main thread, which leaves those signals unblocked,
+receives them (the kernel hands a process signal to the main thread first):
+
+* SIGTERM, SIGINT: stop accepting connections, let the messages in progress
+  finish (up to ``SHUTDOWN_GRACE`` seconds), flush the history, exit 0;
+* SIGHUP: reload the configuration.  A configuration with an error is
+  refused with a log line and the running one stays in force; settings that
+  only a restart can change (the socket, the database, the state directory)
+  are reported and left as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import Milter
+
+from . import __version__
+from .config import Config, SocketSpec, load_config, parse_database_url, parse_socket
+from .errors import ConfigError, DatabaseError, DmarcMilterError, SchemaError
+from .history import db
+from .history.writer import HistoryWriter
+from .logline import json_line, logfmt
+from .milter import ACTION_FLAGS, MilterState, Runtime, milter_factory
+
+log = logging.getLogger("dmarcmilter")
+
+MILTER_NAME = "dmarcmilter"
+# Seconds a stop waits for the messages in progress.
+SHUTDOWN_GRACE = 30.0
+# Settings read once at start-up.
+RESTART_ONLY = ("milter.socket", "milter.socket_mode", "paths.state_dir", "database.url")
+
+
+class StartupError(DmarcMilterError):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+# -- logging ---------------------------------------------------------------------
+
+
+class LineFormatter(logging.Formatter):
+    """Every log line as logfmt or JSON.  A per-message record carries its
+    fields in ``record.fields``; other records become level + msg."""
+
+    def __init__(self, fmt: str, timestamps: bool) -> None:
+        super().__init__()
+        self.json = fmt == "json"
+        self.timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {}
+        if self.timestamps:
+            fields["ts"] = (
+                dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+            ).replace("+00:00", "Z")
+        fields["level"] = record.levelname.lower()
+        fields["msg"] = record.getMessage()
+        fields.update(getattr(record, "fields", None) or {})
+        if record.exc_info:
+            fields["error"] = self.formatException(record.exc_info)
+        return json_line(fields) if self.json else logfmt(fields)
+
+
+def configure_logging(config: Config) -> None:
+    settings = config.log
+    handler: logging.Handler
+    if settings.target == "syslog":
+        facility = logging.handlers.SysLogHandler.facility_names[settings.syslog_facility]
+        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
+        handler.ident = "dmarcmilter: "
+        handler.setFormatter(LineFormatter(settings.format, timestamps=False))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(LineFormatter(settings.format, timestamps=True))
+    root = logging.getLogger("dmarcmilter")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(settings.level.upper())
+    root.propagate = False
+
+
+# -- start-up --------------------------------------------------------------------
+
+
+def prepare_database(url: str) -> None:
+    """Create the schema in an empty database; refuse one that is behind.
+    An unreachable database is left to the writer, which spools."""
+    try:
+        current, head = db.schema_status(url)
+    except DatabaseError as exc:
+        log.warning("history database unreachable at start: %s; rows will be spooled", exc)
+        return
+    if current is None:
+        log.info("creating the history schema in an empty database")
+        db.upgrade(url)
+    elif current != head:
+        raise SchemaError(
+            f"history database schema is at {current}, this dmarcmilter needs {head}: "
+            "run `dmarcmilter db upgrade`"
+        )
+
+
+def check_socket(spec: SocketSpec) -> None:
+    """Say plainly why the socket cannot be opened, before libmilter says
+    only that it failed."""
+    if spec.family == "unix":
+        directory = Path(spec.address).parent
+        if not directory.is_dir():
+            raise StartupError(f"milter.socket: directory {directory} does not exist")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StartupError(f"milter.socket: cannot create a socket in {directory}")
+        return
+    family = socket.AF_INET if spec.family == "inet" else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((spec.address, spec.port))
+        except OSError as exc:
+            raise StartupError(
+                f"milter.socket: cannot listen on {spec.address} port {spec.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+
+class Daemon:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.spec = parse_socket(self.config.milter.socket)
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.wake = threading.Event()
+        self.state: MilterState | None = None
+        self.writer: HistoryWriter | None = None
+
+    def run(self) -> int:
+        configure_logging(self.config)
+        check_socket(self.spec)
+        state_dir = self.config.effective_state_dir()
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"paths.state_dir: cannot create {state_dir}: {exc.strerror or exc}"
+            ) from None
+        url = self.config.database_url()
+        prepare_database(url)
+        self.writer = HistoryWriter(url, state_dir)
+        self.writer.start()
+        self.state = MilterState(Runtime.build(self.config), self.writer)
+        try:
+            thread = self._start_milter()
+            log.info(
+                "dmarcmilter %s listening on %s",
+                __version__,
+                self.spec.libmilter,
+                extra={"fields": {"state_dir": str(state_dir), "database": _shown(url)}},
+            )
+            self._serve(thread)
+        finally:
+            self._finish()
+        return 0
+
+    def _start_milter(self) -> threading.Thread:
+        assert self.state is not None
+        Milter.factory = milter_factory(self.state)
+        Milter.set_flags(ACTION_FLAGS)
+        milter = Milter.milter
+        milter.set_connect_callback(Milter.connect_callback)
+        milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+        milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+        milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+        milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+        milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+        milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+        milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+        milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+        milter.set_close_callback(Milter.close_callback)
+        milter.setconn(self.spec.libmilter)
+        milter.settimeout(self.config.milter.timeout)
+        milter.register(
+            MILTER_NAME,
+            data=lambda ctx: ctx.getpriv().data(),
+            unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+            negotiate=Milter.negotiate_callback,
+        )
+        try:
+            milter.opensocket(True)  # True: replace a stale unix socket
+        except Milter.error as exc:
+            raise StartupError(f"milter.socket: cannot open {self.spec.libmilter}: {exc}") from None
+        if self.spec.family == "unix":
+            os.chmod(self.spec.address, int(self.config.milter.socket_mode, 8))
+        thread = threading.Thread(target=self._milter_main, name="libmilter", daemon=True)
+        thread.start()
+        return thread
+
+    def _milter_main(self) -> None:
+        try:
+            Milter.milter.main()
+        except Exception:
+            log.exception("the milter loop failed")
+        finally:
+            # However libmilter ended, the main thread must notice.
+            self.stop_requested.set()
+            self.wake.set()
+
+    def _serve(self, thread: threading.Thread) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        while not self.stop_requested.is_set():
+            self.wake.wait(1.0)
+            self.wake.clear()
+            if self.reload_requested.is_set() and not self.stop_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+        log.info("stopping: no new connections; waiting for messages in progress")
+        assert self.state is not None
+        self.state.stopping = True
+        Milter.milter.stop()
+        thread.join(10)
+        if not self.state.wait_idle(SHUTDOWN_GRACE):
+            log.warning(
+                "stopping with %d messages still in progress after %.0f s",
+                self.state.active,
+                SHUTDOWN_GRACE,
+            )
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_requested.set()
+        self.wake.set()
+
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        # The work happens in the main loop, not in the signal handler.
+        self.reload_requested.set()
+        self.wake.set()
+
+    def reload(self) -> bool:
+        """Load the configuration file again; True when it took effect."""
+        assert self.state is not None
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+            return False
+        for key in RESTART_ONLY:
+            if _setting(new, key) != _setting(self.config, key):
+                log.warning("%s changed: it takes effect at the next restart", key)
+        try:
+            runtime = Runtime.build(new, self.state.runtime)
+        except (ValueError, DmarcMilterError) as exc:
+            log.error("configuration not reloaded, the running one stays: %s", exc)
+            return False
+        self.config = new
+        self.state.runtime = runtime
+        configure_logging(new)
+        log.info("configuration reloaded from %s", self.config_path or "the defaults")
+        return True
+
+    def _finish(self) -> None:
+        if self.writer is not None:
+            if not self.writer.close():
+                log.error("history writer did not finish; unwritten rows were spooled")
+            stats = self.writer.stats()
+            log.info(
+                "stopped",
+                extra={
+                    "fields": {
+                        "rows_written": stats.rows_written,
+                        "rows_spooled": stats.rows_spooled,
+                        "spool_pending_bytes": stats.spool_pending_bytes,
+                    }
+                },
+            )
+        if self.spec.family == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(self.spec.address)
+
+
+def _setting(config: Config, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _shown(url: str) -> str:
+    return parse_database_url(url).render_as_string(hide_password=True)
+
+
+def run(config_path: str | None) -> int:
+    """The ``run`` command; raises DmarcMilterError for a clean exit 2."""
+    return Daemon(config_path).run()
