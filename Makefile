@@ -46,10 +46,13 @@ setup: system-packages venv
 
 test-setup: test-system-packages venv
 
-# The main job: for now, evaluate a sample message against a demo DNS zone.
-run: setup demo
+# The main job: the milter daemon in the foreground, on its built-in defaults
+# (or CONFIG=/path/to/dmarcmilter.toml).
+run: setup
+	$(BIN)/dmarcmilter run $(if $(CONFIG),--config $(CONFIG))
 
-demo:
+# Evaluate a sample message against a demo DNS zone, without an MTA.
+demo: setup
 	$(BIN)/python -m bench.demo
 
 lint:

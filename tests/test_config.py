@@ -120,3 +120,9 @@ def test_socket_specs() -> None:
     assert parse_socket("inet:8893").libmilter == "inet:8893@0.0.0.0"
     unix = parse_socket("local:/run/dmarcmilter/milter.sock")
     assert (unix.family, unix.libmilter) == ("unix", "unix:/run/dmarcmilter/milter.sock")
+
+
+def test_container_config_loads() -> None:
+    config = load_config(ROOT / "docker" / "dmarcmilter.toml")
+    assert config.milter.socket == "inet:8893@0.0.0.0"
+    assert config.paths.state_dir == "/var/lib/dmarcmilter"
