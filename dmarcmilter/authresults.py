@@ -23,6 +23,12 @@ _MAX_REASON = 200
 
 
 def quote_value(value: str) -> str:
+    """``value`` as an RFC 8601 pvalue.  Values come from the SMTP client
+    (HELO, MAIL FROM) and from message headers (DKIM s=): anything outside
+    printable ASCII (or tab) becomes "?", so the field is 7-bit clean whatever was
+    sent, and never holds bytes that are not UTF-8 (which the milter library
+    cannot send)."""
+    value = "".join(c if " " <= c <= "~" or c == "\t" else "?" for c in value)
     if _TOKEN.match(value) or _ADDRESS.match(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')

@@ -11,8 +11,11 @@ its own, which treats SIGHUP like SIGTERM.  So libmilter runs in a secondary
 thread, and the Python main thread, which leaves those signals unblocked,
 receives them (the kernel hands a process signal to the main thread first):
 
-* SIGTERM, SIGINT: stop accepting connections, let the messages in progress
-  finish (up to ``SHUTDOWN_GRACE`` seconds), flush the history, exit 0;
+* SIGTERM, SIGINT: stop accepting connections (a unix socket is removed; a
+  TCP listener keeps serving until the end), let the messages in progress
+  finish (up to ``SHUTDOWN_GRACE`` seconds), flush the history, exit 0.
+  libmilter's own stop (smfi_stop) is not used: it cuts the connections in
+  progress short;
 * SIGHUP: reload the configuration.  A configuration with an error is
   refused with a log line and the running one stays in force; settings that
   only a restart can change (the socket, the database, the state directory)
@@ -30,6 +33,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -49,6 +53,7 @@ log = logging.getLogger("dmarcmilter")
 MILTER_NAME = "dmarcmilter"
 # Seconds a stop waits for the messages in progress.
 SHUTDOWN_GRACE = 30.0
+STOP_SETTLE = 0.2
 # Settings read once at start-up.
 RESTART_ONLY = ("milter.socket", "milter.socket_mode", "paths.state_dir", "database.url")
 
@@ -189,6 +194,10 @@ class Daemon:
         assert self.state is not None
         Milter.factory = milter_factory(self.state)
         Milter.set_flags(ACTION_FLAGS)
+        # An exception escaping a callback (pymilter raises one itself when a
+        # HELO name is not UTF-8, before our callback runs) must not change
+        # what happens to the message.
+        Milter.set_exception_policy(Milter.CONTINUE)
         milter = Milter.milter
         milter.set_connect_callback(Milter.connect_callback)
         milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
@@ -238,17 +247,30 @@ class Daemon:
             if self.reload_requested.is_set() and not self.stop_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
-        log.info("stopping: no new connections; waiting for messages in progress")
         assert self.state is not None
         self.state.stopping = True
-        Milter.milter.stop()
-        thread.join(10)
-        if not self.state.wait_idle(SHUTDOWN_GRACE):
-            log.warning(
-                "stopping with %d messages still in progress after %.0f s",
-                self.state.active,
-                SHUTDOWN_GRACE,
-            )
+        # Commands already sent by the MTA but not yet read (MAIL FROM needs
+        # no reply, so the MTA does not wait for it) start their transaction
+        # a moment later: let them, so they count as in progress.
+        time.sleep(STOP_SETTLE)
+        ticket = self.state.last_ticket
+        if self.spec.family == "unix":
+            # No new connections: the MTA finds no socket and applies its
+            # milter_default_action.  (libmilter's own stop would also cut
+            # the connections in progress short.)
+            with contextlib.suppress(OSError):
+                os.unlink(self.spec.address)
+            log.info("stopping: no new connections; waiting for messages in progress")
+        else:
+            log.info("stopping: waiting for messages in progress")
+        if not self.state.wait_for(ticket, SHUTDOWN_GRACE):
+            log.warning("stopping with messages still in progress after %.0f s", SHUTDOWN_GRACE)
+        # libmilter is not asked to stop: smfi_stop waits up to 5 s for its
+        # listener's select() and then cuts any connection still open.  The
+        # process exits instead, which closes the listener at once; a
+        # connection opened after the stop began gets the MTA's
+        # milter_default_action, as for a milter that is down.
+        del thread
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested.set()

@@ -100,33 +100,42 @@ class Runtime:
 
 class MilterState:
     """Shared by every connection: the current runtime, the history writer,
-    and the count of transactions in progress (for a graceful stop)."""
+    and the transactions in progress (for a graceful stop)."""
 
     def __init__(self, runtime: Runtime, writer: HistoryWriter | None) -> None:
         self.runtime = runtime
         self.writer = writer
         self.stopping = False
-        self._active = 0
+        self._next = 0
+        self._active: set[int] = set()
         self._cond = threading.Condition()
 
-    def begin(self) -> None:
+    def begin(self) -> int:
+        """A transaction starts; its ticket, for :meth:`end`."""
         with self._cond:
-            self._active += 1
+            self._next += 1
+            self._active.add(self._next)
+            return self._next
 
-    def end(self) -> None:
+    def end(self, ticket: int) -> None:
         with self._cond:
-            self._active -= 1
+            self._active.discard(ticket)
             self._cond.notify_all()
 
     @property
     def active(self) -> int:
-        return self._active
+        return len(self._active)
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no transaction is in progress; False on timeout."""
+    @property
+    def last_ticket(self) -> int:
+        return self._next
+
+    def wait_for(self, ticket: int, timeout: float) -> bool:
+        """Wait until every transaction up to ``ticket`` has ended (later
+        ones may still run); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._active > 0:
+            while any(t <= ticket for t in self._active):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -138,6 +147,7 @@ class MilterState:
 class _Transaction:
     """One message: from MAIL FROM to end-of-message or abort."""
 
+    ticket: int
     mail_from: str
     authenticated: str
     recipients: list[str]
@@ -157,6 +167,9 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         self.state = state
         self.runtime = state.runtime
         self.client_ip: str | None = None
+        # False when pymilter could not call connect() (it decodes the host
+        # name strictly as UTF-8 before calling us): see _client_address.
+        self.connected = False
         self.client_name = ""
         self.helo_name = ""
         self.authserv_id = ""
@@ -164,11 +177,18 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
 
     # -- callbacks ---------------------------------------------------------------
 
+    def negotiate(self, opts: list[int]) -> int:
+        # pymilter leaves every offered action enabled; ask only for ours.
+        result: int = super().negotiate(opts)
+        opts[0] = self._actions = opts[0] & ACTION_FLAGS
+        return result
+
     @_noreply
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         # A reload takes effect for new connections.
         self.runtime = self.state.runtime
         self.client_name = hostname or ""
+        self.connected = True
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
         self.authserv_id = (
@@ -186,8 +206,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
     @_noreply
     def envfrom(self, mail_from: str, *params: str) -> int:
         self._end()
-        self.state.begin()
         self.txn = _Transaction(
+            ticket=self.state.begin(),
             mail_from=mail_from,
             authenticated=self.getsymval("{auth_authen}") or "",
             recipients=[],
@@ -257,8 +277,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
 
     def _end(self) -> None:
         if self.txn is not None:
+            self.state.end(self.txn.ticket)
             self.txn = None
-            self.state.end()
 
     def _queue_id(self) -> str:
         return self.getsymval("i") or ""
@@ -335,6 +355,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         clients = self.runtime.config.clients
         if clients.skip_authenticated and txn.authenticated:
             return "authenticated"
+        if self.client_ip is None and not self.connected:
+            self.client_ip = self._client_address()
         if self.client_ip is None:
             # Not an IP connection: local submission (Postfix's sendmail
             # command through non_smtpd_milters).
@@ -346,6 +368,22 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         if any(address in network for network in self.runtime.trusted_networks):
             return "trusted_network"
         return None
+
+    def _client_address(self) -> str | None:
+        """The client address from the connect macros, for a connection whose
+        connect callback could not run: Postfix's ``{client_addr}``, or the
+        address in ``_`` ("name [address]").  A message must not escape
+        evaluation because a host name was not UTF-8."""
+        address = self.getsymval("{client_addr}") or ""
+        if not address:
+            underscore = self.getsymval("_") or ""
+            if underscore.endswith("]") and "[" in underscore:
+                address = underscore[underscore.rindex("[") + 1 : -1]
+        address = address.removeprefix("IPv6:")
+        try:
+            return str(ipaddress.ip_address(address))
+        except ValueError:
+            return None
 
     def _leading_space(self) -> bool:
         return bool(self._protocol & Milter.P_HDR_LEADSPC)
