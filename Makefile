@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 # System packages: libmilter-dev builds pymilter.
 APT_PACKAGES := libmilter-dev gcc
 # Test-only system packages: the tests start their own throwaway PostgreSQL cluster
-# (tests/pgserver.py) and MariaDB server (tests/mysqlserver.py); the Debian-packaged
-# system services are not used.
-TEST_APT_PACKAGES := postgresql mariadb-server
+# (tests/pgserver.py), MariaDB server (tests/mysqlserver.py) and Postfix instances
+# (tests/postfixserver.py); the Debian-packaged system services are not used.
+TEST_APT_PACKAGES := postgresql mariadb-server postfix
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
 .PHONY: all setup test-setup system-packages test-system-packages apt-install venv run demo lint typecheck test test-only bench clean
@@ -21,17 +21,22 @@ system-packages:
 test-system-packages:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES) $(TEST_APT_PACKAGES)"
 
-# Installs the missing ones of $(PACKAGES).  policy-rc.d stops the postgresql and
-# mariadb-server packages from starting their system services during the install
-# (the tests run their own).
+# Installs the missing ones of $(PACKAGES).  policy-rc.d stops the postgresql,
+# mariadb-server and postfix packages from starting their system services during the
+# install (the tests run their own).  postfix is preseeded with "No configuration":
+# no question is asked, and no /etc/postfix/main.cf is written, so the system's
+# Postfix has nothing to run with.
 apt-install:
 	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then echo "need root to install:$$missing" >&2; exit 1; fi; \
 	  echo "installing system packages:$$missing"; \
+	  case " $$missing " in *" postfix "*) \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections || exit 1;; \
+	  esac; \
 	  rcd=$(POLICY_RC_D); added=""; \
 	  if [ ! -e $$rcd ]; then printf '#!/bin/sh\nexit 101\n' >$$rcd && chmod 755 $$rcd && added=1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-remove $$missing >/dev/null; \
 	  status=$$?; if [ -n "$$added" ]; then rm -f $$rcd; fi; exit $$status; \
 	fi
 

@@ -1,11 +1,13 @@
-"""Shared fixtures: the loopback DNS server and resolvers pointed at it, and
-history databases (SQLite, and throwaway PostgreSQL and MariaDB servers)."""
+"""Shared fixtures: the loopback DNS server and resolvers pointed at it,
+history databases (SQLite, and throwaway PostgreSQL and MariaDB servers), and
+throwaway Postfix instances."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
@@ -16,6 +18,13 @@ from tests.dnsserver import TestDNSServer
 from tests.mysqlserver import MySQLServer, MySQLUnavailable
 from tests.mysqlserver import start_server as start_mysql_server
 from tests.pgserver import PostgresServer, PostgresUnavailable, start_server
+from tests.postfixserver import (
+    PostfixInstances,
+    PostfixServer,
+    PostfixUnavailable,
+    check_available,
+    reap_stale,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -175,3 +184,49 @@ def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = f"sqlite:///{tmp_path / 'state' / 'history.sqlite3'}"
     db.upgrade(url)
     return url
+
+
+def _postfix_unavailable(exc: PostfixUnavailable) -> NoReturn:
+    if IN_CI:
+        pytest.fail(f"Postfix is required in CI: {exc}")
+    pytest.skip(f"Postfix unavailable, skipping: {exc}")
+
+
+class _PostfixInstances(PostfixInstances):
+    def start(self, **options: Any) -> PostfixServer:
+        try:
+            return super().start(**options)
+        except PostfixUnavailable as exc:
+            _postfix_unavailable(exc)
+
+
+@pytest.fixture(scope="session")
+def postfix_instances() -> Iterator[PostfixInstances]:
+    """Throwaway Postfix instances (tests/postfixserver.py):
+    ``postfix_instances.start(**options)`` returns a running one (``options`` as
+    for ``PostfixServer``: ``milter``, ``milter_default_action``,
+    ``milter_protocol``, ``settings``, ``sink``) and ``remove(server)`` removes
+    it; whatever is left is removed at the end of the session.  When Postfix
+    cannot run here (not installed, not root) or an instance does not start, the
+    test is skipped outside CI and failed in CI.  Instances left behind by a
+    killed earlier run are removed first."""
+    try:
+        check_available()
+    except PostfixUnavailable as exc:
+        _postfix_unavailable(exc)
+    reap_stale()
+    instances = _PostfixInstances()
+    try:
+        yield instances
+    finally:
+        instances.cleanup()
+
+
+@pytest.fixture
+def postfix_server(postfix_instances: PostfixInstances) -> Iterator[PostfixServer]:
+    """A fresh instance for one test: no milter, mail delivered to its sink."""
+    server = postfix_instances.start()
+    try:
+        yield server
+    finally:
+        postfix_instances.remove(server)
