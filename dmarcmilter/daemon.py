@@ -54,6 +54,7 @@ MILTER_NAME = "dmarcmilter"
 # Seconds a stop waits for the messages in progress.
 SHUTDOWN_GRACE = 30.0
 STOP_SETTLE = 0.2
+SYSLOG_SOCKET = "/dev/log"
 # Settings read once at start-up.
 RESTART_ONLY = ("milter.socket", "milter.socket_mode", "paths.state_dir", "database.url")
 
@@ -93,7 +94,16 @@ def configure_logging(config: Config) -> None:
     handler: logging.Handler
     if settings.target == "syslog":
         facility = logging.handlers.SysLogHandler.facility_names[settings.syslog_facility]
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
+        try:
+            # SysLogHandler ignores a socket it cannot reach and then drops
+            # every line: try it here, so a missing syslog is an error.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect(SYSLOG_SOCKET)
+            handler = logging.handlers.SysLogHandler(SYSLOG_SOCKET, facility=facility)
+        except OSError as exc:
+            raise StartupError(
+                f"log.target: cannot log to syslog at {SYSLOG_SOCKET}: {exc.strerror or exc}"
+            ) from None
         handler.ident = "dmarcmilter: "
         handler.setFormatter(LineFormatter(settings.format, timestamps=False))
     else:
@@ -294,12 +304,14 @@ class Daemon:
                 log.warning("%s changed: it takes effect at the next restart", key)
         try:
             runtime = Runtime.build(new, self.state.runtime)
+            # Logging goes first: a syslog socket that cannot be opened
+            # refuses the whole file, before anything changed.
+            configure_logging(new)
         except (ValueError, DmarcMilterError) as exc:
             log.error("configuration not reloaded, the running one stays: %s", exc)
             return False
         self.config = new
         self.state.runtime = runtime
-        configure_logging(new)
         log.info("configuration reloaded from %s", self.config_path or "the defaults")
         return True
 

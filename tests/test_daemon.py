@@ -545,3 +545,45 @@ def test_a_host_name_that_is_not_utf8_does_not_escape_evaluation(start: Start) -
     assert "dmarc=fail" in ar_value(eom)
     (line,) = daemon.wait_log("message")
     assert line["client_ip"] == BAD_IP
+
+
+def test_syslog_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    from dmarcmilter import daemon as daemon_module
+
+    if Path(daemon_module.SYSLOG_SOCKET).exists():
+        pytest.skip(f"{daemon_module.SYSLOG_SOCKET} exists here")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[log]\ntarget = "syslog"\n[paths]\nstate_dir = "{tmp_path}/s"\n')
+    proc = run_command("run", "--config", str(path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(
+        "dmarcmilter run: error: log.target: cannot log to syslog at /dev/log"
+    )
+
+
+def test_syslog_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import socket as socketlib
+
+    from dmarcmilter import daemon as daemon_module
+    from dmarcmilter.config import Config, LogConfig
+
+    path = str(tmp_path / "log.sock")
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM) as syslog:
+        syslog.bind(path)
+        syslog.settimeout(5)
+        monkeypatch.setattr(daemon_module, "SYSLOG_SOCKET", path)
+        daemon_module.configure_logging(
+            Config(log=LogConfig(target="syslog", syslog_facility="local3"))
+        )
+        logger = logging.getLogger("dmarcmilter.message")
+        try:
+            logger.info("message", extra={"fields": {"queue_id": "Q1", "dmarc": "pass"}})
+            datagram = syslog.recv(4096).decode()
+        finally:
+            root = logging.getLogger("dmarcmilter")
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+                handler.close()
+    # <priority>: local3 (19) * 8 + info (6) = 158; no timestamp (syslog adds it).
+    assert datagram == "<158>dmarcmilter: level=info msg=message queue_id=Q1 dmarc=pass\x00"
