@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from queue import SimpleQueue
 from types import FrameType
 from typing import Any
 
@@ -46,7 +47,7 @@ from .errors import ConfigError, DatabaseError, DmarcMilterError, SchemaError
 from .history import db
 from .history.writer import HistoryWriter
 from .logline import json_line, logfmt
-from .milter import ACTION_FLAGS, MilterState, Runtime, milter_factory
+from .milter import ACTION_FLAGS, MilterState, Runtime, milter_factory, register_callbacks
 
 log = logging.getLogger("dmarcmilter")
 
@@ -86,6 +87,8 @@ class LineFormatter(logging.Formatter):
         fields.update(getattr(record, "fields", None) or {})
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            fields["error"] = record.exc_text
         return json_line(fields) if self.json else logfmt(fields)
 
 
@@ -109,13 +112,45 @@ def configure_logging(config: Config) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(LineFormatter(settings.format, timestamps=True))
+    # The milter's threads only queue their lines; one thread writes them.
+    # A thread writing under the handler's lock would otherwise hold up
+    # every other message's end-of-message behind a slow stderr or syslog.
+    queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
+    listener = logging.handlers.QueueListener(queue, handler)
+    listener.start()
     root = logging.getLogger("dmarcmilter")
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    root.addHandler(handler)
+    root.addHandler(_QueueHandler(queue))
     root.setLevel(settings.level.upper())
     root.propagate = False
+    stop_logging()
+    _listeners.append(listener)
+
+
+_listeners: list[logging.handlers.QueueListener] = []
+
+
+def stop_logging() -> None:
+    """Write what is queued and stop the writing thread."""
+    while _listeners:
+        listener = _listeners.pop()
+        listener.stop()
+        for handler in listener.handlers:
+            handler.close()
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # Only what cannot wait: the message with its arguments, and the
+        # traceback text.  The line itself is formatted by the writer.
+        record.msg = record.getMessage()
+        record.args = None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return record
 
 
 # -- start-up --------------------------------------------------------------------
@@ -174,6 +209,13 @@ class Daemon:
 
     def run(self) -> int:
         configure_logging(self.config)
+        try:
+            self._run()
+        finally:
+            stop_logging()
+        return 0
+
+    def _run(self) -> None:
         check_socket(self.spec)
         state_dir = self.config.effective_state_dir()
         try:
@@ -198,7 +240,6 @@ class Daemon:
             self._serve(thread)
         finally:
             self._finish()
-        return 0
 
     def _start_milter(self) -> threading.Thread:
         assert self.state is not None
@@ -209,16 +250,7 @@ class Daemon:
         # what happens to the message.
         Milter.set_exception_policy(Milter.CONTINUE)
         milter = Milter.milter
-        milter.set_connect_callback(Milter.connect_callback)
-        milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-        milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-        milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-        milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-        milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-        milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-        milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-        milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-        milter.set_close_callback(Milter.close_callback)
+        register_callbacks(milter)
         milter.setconn(self.spec.libmilter)
         milter.settimeout(self.config.milter.timeout)
         milter.register(

@@ -99,9 +99,12 @@ def _split_head_body(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def _to_crlf(data: bytes) -> bytes:
-    if b"\n" not in data:
+    # What an MTA hands a milter is CRLF throughout already: two C-speed
+    # counts prove it, where splitting and joining every line of a large
+    # body cost more than the rest of the evaluation.
+    if data.count(b"\n") == data.count(b"\r\n"):
         return data
-    return b"\r\n".join(_LINE_SPLIT.split(data))
+    return _LINE_SPLIT.sub(b"\r\n", data)
 
 
 def _decode(value: bytes) -> str:

@@ -72,6 +72,7 @@ class Runtime:
     config: Config
     resolver: Resolver
     authserv_id: str  # configured; empty: the MTA's j macro, else our name
+    host_name: str  # this host's name, looked up once (it may take DNS)
     owned_ids: frozenset[str]
     trusted_ids: frozenset[str]
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -92,6 +93,7 @@ class Runtime:
             config,
             resolver,
             config.authserv_id,
+            config.effective_authserv_id(),
             frozenset(owned),
             frozenset(norm_id(i) for i in config.headers.trusted_authserv_ids),
             tuple(ipaddress.ip_network(n, strict=False) for n in config.clients.trusted_networks),
@@ -191,11 +193,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         self.connected = True
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
-        self.authserv_id = (
-            self.runtime.authserv_id
-            or self.getsymval("j")
-            or self.runtime.config.effective_authserv_id()
-        )
+        self.authserv_id = self.runtime.authserv_id or self.getsymval("j") or self.runtime.host_name
         return CONTINUE
 
     @_noreply
@@ -452,6 +450,33 @@ def message_fields(
         if value:
             fields[key] = value
     return fields
+
+
+def register_callbacks(milter: Any) -> None:
+    """Point libmilter's callbacks at the connection objects.
+
+    pymilter's own glue passes envelope and header values through generic
+    bytes-to-text wrappers, a few Python calls each; the MTA sends a dozen
+    or more header fields per message, each a callback that must take the
+    interpreter lock, so these go straight to the methods (the text
+    conversion is the same: UTF-8, undecodable bytes kept as surrogates).
+    """
+
+    def text(value: bytes) -> str:
+        return value.decode("utf-8", "surrogateescape")
+
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, sender, *params: ctx.getpriv().envfrom(text(sender)))
+    milter.set_envrcpt_callback(
+        lambda ctx, recipient, *params: ctx.getpriv().envrcpt(text(recipient))
+    )
+    milter.set_header_callback(lambda ctx, name, value: ctx.getpriv().header(name, text(value)))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
 
 
 def milter_factory(state: MilterState) -> Callable[[], DMARCMilter]:

@@ -581,6 +581,7 @@ def test_syslog_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             logger.info("message", extra={"fields": {"queue_id": "Q1", "dmarc": "pass"}})
             datagram = syslog.recv(4096).decode()
         finally:
+            daemon_module.stop_logging()
             root = logging.getLogger("dmarcmilter")
             for handler in list(root.handlers):
                 root.removeHandler(handler)
