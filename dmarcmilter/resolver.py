@@ -14,6 +14,7 @@ check`` can show them and tests can assert the exact query sequence.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import time
@@ -108,16 +109,21 @@ class _Cache:
         self._lock = threading.Lock()
 
     def get(self, key: tuple[str, str], now: float) -> DNSAnswer | None:
-        with self._lock:
-            item = self._data.get(key)
-            if item is None:
-                return None
-            expires, answer = item
-            if expires <= now:
-                del self._data[key]
-                return None
+        # No lock on the hot path: every milter thread reads the cache for
+        # every message, and a lock held across a thread switch made them
+        # queue.  Each OrderedDict call is atomic under the interpreter
+        # lock; a key that disappears between two of them (put evicting it)
+        # is simply a miss or an un-refreshed entry.
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, answer = item
+        if expires <= now:
+            self._data.pop(key, None)
+            return None
+        with contextlib.suppress(KeyError):
             self._data.move_to_end(key)
-            return answer
+        return answer
 
     def put(self, key: tuple[str, str], answer: DNSAnswer, now: float) -> None:
         if self._max <= 0 or answer.ttl <= 0:
