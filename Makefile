@@ -9,9 +9,14 @@ APT_PACKAGES := libmilter-dev gcc
 # (tests/pgserver.py), MariaDB server (tests/mysqlserver.py) and Postfix instances
 # (tests/postfixserver.py); the Debian-packaged system services are not used.
 TEST_APT_PACKAGES := postgresql mariadb-server postfix
+# Optional, for the milter benchmark only (bench/milter_throughput.py compares
+# dmarcmilter with Debian's opendkim + opendmarc): not test dependencies.  The
+# system services are not started (policy-rc.d); the benchmark runs private
+# instances.
+BENCH_APT_PACKAGES := opendkim opendmarc
 POLICY_RC_D := /usr/sbin/policy-rc.d
 
-.PHONY: all setup test-setup system-packages test-system-packages apt-install venv run demo lint typecheck test test-only bench clean
+.PHONY: all setup test-setup system-packages test-system-packages bench-system-packages apt-install venv run demo lint typecheck test test-only bench bench-milter clean
 
 all: test
 
@@ -20,6 +25,9 @@ system-packages:
 
 test-system-packages:
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES) $(TEST_APT_PACKAGES)"
+
+bench-system-packages:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_PACKAGES) $(TEST_APT_PACKAGES) $(BENCH_APT_PACKAGES)"
 
 # Installs the missing ones of $(PACKAGES).  policy-rc.d stops the postgresql,
 # mariadb-server and postfix packages from starting their system services during the
@@ -74,6 +82,11 @@ test: test-setup lint typecheck test-only
 
 bench: setup
 	$(BIN)/python -m bench.evaluate
+
+# dmarcmilter behind a private Postfix against no milter and opendkim + opendmarc
+# (root; several minutes).  ARGS="--quick" for a smoke run.
+bench-milter: test-setup bench-system-packages
+	$(BIN)/python -m bench.milter_throughput $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
