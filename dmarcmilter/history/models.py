@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -42,6 +43,8 @@ TIMESTAMP_TYPE = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "my
 # 65,535 bytes, which a hostile header or HELO name can exceed; MEDIUMTEXT
 # (16 MB) there.
 TEXT_TYPE = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+# A compressed report: MySQL's BLOB stops at 64 KB.
+BLOB_TYPE = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 # MySQL and MariaDB (options under both dialect names, for mysql:// and
 # mariadb:// URLs): InnoDB for transactions and foreign keys, the full UTF-8
 # (utf8mb4, not the 3-byte "utf8"), and a binary collation, so that values
@@ -191,3 +194,103 @@ class OverrideReasonRow(Base):
     comment: Mapped[str] = mapped_column(TEXT_TYPE)
 
     message: Mapped[MessageRow] = relationship(back_populates="override_reasons")
+
+
+class ReportRow(Base):
+    """One aggregate report generated (RFC 9990): kept so that a later run
+    never generates it twice, and a retry resends the very same bytes."""
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    # Alphanumeric and stable for one policy domain, period, policy
+    # configuration and format; also the filename's unique-id.
+    report_id: Mapped[str] = mapped_column(String(SHORT * 2), unique=True)
+    policy_domain: Mapped[str] = mapped_column(String(DOMAIN_LENGTH))
+    period_begin: Mapped[int] = mapped_column(BigInteger)  # epoch seconds, UTC
+    period_end: Mapped[int] = mapped_column(BigInteger)  # the last second of the period
+    format: Mapped[str] = mapped_column(String(SHORT))
+    filename: Mapped[str] = mapped_column(TEXT_TYPE)
+    message_count: Mapped[int] = mapped_column(BigInteger)
+    record_count: Mapped[int] = mapped_column(BigInteger)
+    # The gzip-compressed XML, exactly as attached.
+    content: Mapped[bytes] = mapped_column(BLOB_TYPE)
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    created_by: Mapped[str] = mapped_column(TEXT_TYPE)  # the host that generated it
+
+    deliveries: Mapped[list[ReportDeliveryRow]] = relationship(
+        back_populates="report", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        # "Is this domain's period done?": one index lookup per domain.
+        Index("ix_reports_policy_domain_period_begin", "policy_domain", "period_begin"),
+        MYSQL_TABLE_OPTIONS,
+    )
+
+
+class ReportDeliveryRow(Base):
+    """One destination (rua URI) of a report, and where its delivery stands."""
+
+    __tablename__ = "report_deliveries"
+
+    id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    report_pk: Mapped[int] = mapped_column(ID_TYPE, ForeignKey("reports.id", ondelete="CASCADE"))
+    position: Mapped[int] = mapped_column(Integer)  # its place in the rua tag
+    uri: Mapped[str] = mapped_column(TEXT_TYPE)  # as published
+    # The mailbox sent to (an authorized override replaces the published
+    # one); its domain is what the rate limit counts.
+    address: Mapped[str] = mapped_column(TEXT_TYPE)
+    destination_domain: Mapped[str] = mapped_column(String(DOMAIN_LENGTH))
+    # pending (to verify and send), sent, refused (not authorized: never
+    # sent), failed (permanent failure, or given up after retries).
+    status: Mapped[str] = mapped_column(String(SHORT))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
+    detail: Mapped[str] = mapped_column(TEXT_TYPE)
+
+    report: Mapped[ReportRow] = relationship(back_populates="deliveries")
+    attempts_made: Mapped[list[ReportAttemptRow]] = relationship(
+        back_populates="delivery", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (
+        Index("uq_report_deliveries_report_pk_position", "report_pk", "position", unique=True),
+        Index("ix_report_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_report_deliveries_destination_domain_sent_at", "destination_domain", "sent_at"),
+        MYSQL_TABLE_OPTIONS,
+    )
+
+
+class ReportAttemptRow(Base):
+    """Every delivery attempt, with what the server, sendmail or DNS said."""
+
+    __tablename__ = "report_attempts"
+
+    id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ID_TYPE, ForeignKey("report_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    # sent, tempfail, permfail, deferred (DNS), refused (not authorized)
+    result: Mapped[str] = mapped_column(String(SHORT))
+    detail: Mapped[str] = mapped_column(TEXT_TYPE)
+    host: Mapped[str] = mapped_column(TEXT_TYPE)  # the host that tried
+
+    delivery: Mapped[ReportDeliveryRow] = relationship(back_populates="attempts_made")
+
+    __table_args__ = (MYSQL_TABLE_OPTIONS,)
+
+
+class LeaseRow(Base):
+    """A named lease: the one host of a fleet that may run a job (the
+    report run) until ``expires_at``, renewed while it works."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(SHORT * 2), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(DOMAIN_LENGTH))
+    expires_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+
+    __table_args__ = (MYSQL_TABLE_OPTIONS,)
