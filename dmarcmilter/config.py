@@ -174,6 +174,55 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """Aggregate reports (RFC 9990), sent by ``dmarcmilter report``."""
+
+    # report_metadata/org_name: who sends the reports.  Required.
+    org_name: str = ""
+    # The From of report mail.  Required.  Make it DMARC-aligned: the MTA
+    # must DKIM-sign mail from this domain.  The milter never records mail
+    # from this address that carries our report Message-ID.
+    from_address: str = ""
+    # report_metadata/email, the contact address; empty: from_address.
+    email: str = ""
+    # The reporting host in the Subject, the filename and the Message-ID;
+    # empty: the authserv-id.
+    submitter: str = ""
+    # report_metadata/extra_contact_info, e.g. a web page; empty: none.
+    extra_contact_info: str = ""
+    # "rfc9990", or "rfc7489" for consumers that need the old schema.
+    format: str = _opt("rfc9990", choices=("rfc9990", "rfc7489"))
+    # Report the recipient domain (identifiers/envelope_to): records are
+    # then split by recipient domain, and reports grow.
+    envelope_to: bool = False
+    # rua URIs tried per report; later ones are ignored (RFC 9990 §3).
+    max_uris: int = _opt(5, minimum=1, maximum=100)
+    # Reports sent to one destination domain per hour; the rest wait for
+    # the next run.
+    rate_limit_per_hour: int = _opt(1000, minimum=1, maximum=1_000_000)
+    # A report that cannot be delivered is retried, with growing delays,
+    # for this many hours after it was generated, then given up.
+    retry_hours: int = _opt(72, minimum=1, maximum=24 * 30)
+    # "smtp" (the smarthost below) or "sendmail" (sendmail_path).
+    transport: str = _opt("smtp", choices=("smtp", "sendmail"))
+    smtp_host: str = "localhost"
+    smtp_port: int = _opt(25, minimum=1, maximum=65535)
+    # "opportunistic" uses STARTTLS when offered, "required" insists on
+    # it, "off" never uses it.
+    smtp_starttls: str = _opt("opportunistic", choices=("opportunistic", "required", "off"))
+    # Verify the smarthost's certificate; off for a relay with a
+    # self-signed one.
+    smtp_verify_tls: bool = True
+    # SMTP AUTH; empty username: none.  The password may instead be read
+    # from smtp_password_file, kept out of this file.
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_password_file: str = ""
+    smtp_timeout: float = _opt(30.0, minimum=1, maximum=600)
+    sendmail_path: str = "/usr/sbin/sendmail"
+
+
+@dataclass(frozen=True)
 class Config:
     # The authserv-id of our Authentication-Results; empty: this host's name.
     authserv_id: str = ""
@@ -188,6 +237,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def effective_authserv_id(self) -> str:
         return self.authserv_id or socket.getfqdn()
@@ -279,6 +329,7 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
             check(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
+    _check_report(config.report, source)
     owned = {i.lower().rstrip(".") for i in config.headers.owned_authserv_ids}
     if config.authserv_id:
         owned.add(config.authserv_id.lower().rstrip("."))
@@ -289,6 +340,69 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
             "an authserv-id of ours; results claiming our own id are always removed"
         )
     return config
+
+
+def _check_report(report: ReportConfig, source: str) -> None:
+    checks: list[tuple[str, str, Any]] = [
+        ("report.from_address", report.from_address, parse_mailbox),
+        ("report.email", report.email, parse_mailbox),
+        ("report.submitter", report.submitter, _domain_name),
+        ("report.smtp_host", report.smtp_host, _host_name),
+        ("report.org_name", report.org_name, _one_line),
+        ("report.extra_contact_info", report.extra_contact_info, _one_line),
+    ]
+    for key, value, check in checks:
+        if not value:
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
+    if report.smtp_password and report.smtp_password_file:
+        raise ConfigError(
+            f"{source}: report.smtp_password_file: set smtp_password or smtp_password_file, "
+            "not both"
+        )
+
+
+def parse_mailbox(text: str) -> str:
+    """A bare ``local@domain`` address, as given; ValueError unless it is one."""
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not domain:
+        raise ValueError(f"expected an address such as dmarc-reports@example.com, got {text!r}")
+    if not all(33 <= ord(c) <= 126 and c not in '<>()[]\\,;:"' for c in local):
+        raise ValueError(f"{text!r} has characters that cannot appear in a bare address")
+    _domain_name(domain)
+    return text
+
+
+def _domain_name(text: str) -> None:
+    name = text.rstrip(".")
+    labels = name.split(".")
+    if (
+        not name
+        or len(name) > 253
+        or not all(
+            0 < len(label) <= 63
+            and label[0] != "-"
+            and label[-1] != "-"
+            and all(c.isascii() and (c.isalnum() or c in "-_") for c in label)
+            for label in labels
+        )
+    ):
+        raise ValueError(f"{text!r} is not a domain name (use the A-label form for IDNs)")
+
+
+def _host_name(text: str) -> None:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        _domain_name(text)
+
+
+def _one_line(text: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("must be one line without control characters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,6 +93,22 @@ def test_values_are_read(tmp_path: Path) -> None:
         ('[log]\nformat = "text"\n', "log.format: must be one of 'logfmt', 'json'"),
         ('[log]\nsyslog_facility = "kern"\n', "log.syslog_facility: must be one of"),
         ('[headers]\nreceived_spf = "yes"\n', "headers.received_spf: expected true or false"),
+        ('[report]\nfrom_address = "reports"\n', "report.from_address: expected an address"),
+        (
+            '[report]\nfrom_address = "a b@example.com"\n',
+            "report.from_address: 'a b@example.com' has characters that cannot appear",
+        ),
+        ('[report]\nemail = "x@bad..example"\n', "report.email: 'bad..example' is not a"),
+        ('[report]\nsubmitter = "mx example"\n', "report.submitter: 'mx example' is not a"),
+        ('[report]\nformat = "json"\n', "report.format: must be one of 'rfc9990', 'rfc7489'"),
+        ("[report]\nmax_uris = 0\n", "report.max_uris: must be at least 1"),
+        ('[report]\nsmtp_starttls = "yes"\n', "report.smtp_starttls: must be one of"),
+        ('[report]\ntransport = "lmtp"\n', "report.transport: must be one of"),
+        ('[report]\norg_name = "a\\nb"\n', "report.org_name: must be one line"),
+        (
+            '[report]\nsmtp_password = "x"\nsmtp_password_file = "/etc/p"\n',
+            "report.smtp_password_file: set smtp_password or smtp_password_file, not both",
+        ),
         (
             'authserv_id = "mx.example"\n[headers]\ntrusted_authserv_ids = ["MX.example"]\n',
             "headers.trusted_authserv_ids: 'mx.example' is also an authserv-id of ours",
