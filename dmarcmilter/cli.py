@@ -2,9 +2,9 @@
 
 ``run`` is the milter daemon; ``check`` shows what a receiver discovers for a
 domain; ``evaluate`` runs the whole evaluation of one stored message.  All
-three are thin drivers of the same core.  ``db upgrade|status|prune`` manage the history
-store.  Bad input ends with one line on stderr and exit status 2, never a
-traceback.
+three are thin drivers of the same core.  ``db upgrade|status|prune`` manage
+the history store; ``report`` turns it into aggregate reports.  Bad input
+ends with one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -74,6 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run the milter daemon in the foreground (SIGTERM stops, SIGHUP reloads)"
     )
     run.add_argument("--config", metavar="FILE", help="TOML configuration file")
+
+    report = sub.add_parser(
+        "report",
+        help="generate and send aggregate reports (default: the last complete UTC day)",
+    )
+    report.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    when = report.add_mutually_exclusive_group()
+    when.add_argument("--date", metavar="YYYY-MM-DD", help="report on this UTC day")
+    when.add_argument("--since", metavar="TIME", help="period start, ISO 8601 (UTC if no offset)")
+    report.add_argument("--until", metavar="TIME", help="period end (exclusive), with --since")
+    report.add_argument("--domain", metavar="DOMAIN", help="only this policy domain")
+    report.add_argument(
+        "--dry-run",
+        metavar="DIR",
+        help="write the .xml.gz reports and .eml messages into DIR; send and store nothing",
+    )
+    report.add_argument(
+        "--format",
+        choices=["rfc9990", "rfc7489"],
+        help="report schema (default: report.format, rfc9990)",
+    )
+    report.add_argument("--verbose", action="store_true", help="print a summary when done")
 
     db = sub.add_parser("db", help="manage the history database")
     db_sub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
@@ -300,6 +322,122 @@ def cmd_db(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _report_time(text: str, option: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InputError(
+            f"{option}: expected an ISO 8601 time such as 2026-11-30T00:00:00Z, got {text!r}"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    if value.microsecond:
+        raise InputError(f"{option}: use whole seconds, got {text!r}")
+    return value.astimezone(dt.UTC)
+
+
+def _report_period(args: argparse.Namespace, now: dt.datetime) -> Any:
+    from .report.generate import Period
+
+    if args.until and not args.since:
+        raise InputError("--until needs --since")
+    if args.since:
+        since = _report_time(args.since, "--since")
+        until = _report_time(args.until, "--until") if args.until else now
+        if until <= since:
+            raise InputError(f"--until {until.isoformat()} is not after --since")
+        if until > now:
+            raise InputError(
+                f"--until {until.isoformat()} is in the future: a report covers a finished period"
+            )
+        return Period(since, until)
+    if args.date:
+        try:
+            day = dt.date.fromisoformat(args.date.strip())
+        except ValueError:
+            raise InputError(f"--date: expected YYYY-MM-DD, got {args.date!r}") from None
+        period = Period.day(day)
+        if period.end > now:
+            raise InputError(f"--date {day}: the day is not over yet (UTC)")
+        return period
+    return Period.last_complete_day(now)
+
+
+class _ProgressBar:
+    """A one-line bar on a terminal: domains done of all."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __call__(self, done: int, total: int, domain: str) -> None:
+        width = 30
+        filled = width * done // total if total else width
+        bar = "#" * filled + "-" * (width - filled)
+        label = domain[:40]
+        self.stream.write(f"\r[{bar}] {done}/{total} {label:<40}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .history import db
+    from .report.generate import ReportJob, ReportSettings, dry_run
+
+    config = load_config(args.config)
+    if args.format:
+        config = dataclasses.replace(
+            config, report=dataclasses.replace(config.report, format=args.format)
+        )
+    ReportSettings.from_config(config, args.config or "the default configuration")
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    period = _report_period(args, now)
+    domain = None
+    if args.domain:
+        try:
+            domain = normalize_domain(args.domain)
+        except DomainError as exc:
+            raise InputError(f"--domain: {exc}") from None
+    progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    url = config.database_url()
+    try:
+        db.check_schema(url)
+        engine = db.make_engine(url)
+        try:
+            if args.dry_run:
+                stats = dry_run(
+                    config, engine, period, Path(args.dry_run), domain=domain, progress=progress
+                )
+            else:
+                stats = ReportJob(config, engine, progress=progress).run(period, domain)
+        finally:
+            engine.dispose()
+    except InputError:
+        raise
+    except DmarcMilterError as exc:
+        print(f"dmarcmilter report: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.verbose or progress is not None:
+        span = f"{period.begin.isoformat()} to {period.end.isoformat()}"
+        if stats.lease_holder:
+            print(f"{span}: {stats.lease_holder} is running the reports; nothing done here")
+        elif args.dry_run:
+            print(
+                f"{span}: {stats.reports_generated} report(s) for {stats.domains} domain(s) "
+                f"written to {args.dry_run}"
+            )
+        else:
+            print(
+                f"{span}: {stats.domains} domain(s), {stats.reports_generated} report(s) "
+                f"generated ({stats.domains_already_done} domain(s) already done); "
+                f"{stats.sent} sent, {stats.retry_later} to retry, {stats.failed} failed, "
+                f"{stats.refused} not authorized, {stats.rate_limited} held by the rate limit"
+            )
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run
 
@@ -309,7 +447,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"check": cmd_check, "evaluate": cmd_evaluate, "db": cmd_db, "run": cmd_run}
+    handlers = {
+        "check": cmd_check,
+        "evaluate": cmd_evaluate,
+        "db": cmd_db,
+        "run": cmd_run,
+        "report": cmd_report,
+    }
     try:
         return handlers[args.command](args)
     except (InputError, DmarcMilterError) as exc:

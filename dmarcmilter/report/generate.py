@@ -1,0 +1,776 @@
+"""The report job: history → aggregate reports → delivered mail (RFC 9990
+§2-3; digest §6.1, §6.3, §6.4).
+
+A run has two steps.  **Generate**: for every policy domain with a ``rua``
+seen in the period, the grouped records (the history reader's SQL GROUP BY,
+streamed) are written as XML straight into a gzip stream, one report per
+published-policy configuration, and stored with one delivery row per rua
+destination, all of one domain in one transaction.  A report already stored
+for that domain and period is never generated again, so re-running a period
+sends nothing twice.  **Deliver**: every delivery that is due (new, or
+retried with backoff after a temporary failure, across runs) has its
+destination verified (digest §6.4) and is sent, each attempt recorded.
+
+A fleet sharing one database runs the job on one host at a time: the run
+holds a lease row, renewed while it works; a second host finds it held and
+leaves.  A dry run writes the reports and messages into a directory and
+writes nothing to the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gzip
+import hashlib
+import io
+import itertools
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from .. import __version__
+from ..config import Config, ReportConfig
+from ..discovery import Discoverer, DiscoveryMethod, load_psl
+from ..errors import ConfigError, DatabaseError, DmarcMilterError
+from ..history.db import short_error
+from ..history.models import LeaseRow, ReportAttemptRow, ReportDeliveryRow, ReportRow
+from ..history.reader import PublishedPolicy, policy_domains, record_errors, report_records
+from ..resolver import Resolver
+from .delivery import (
+    DeliveryOutcome,
+    DeliveryResult,
+    SendmailTransport,
+    SMTPSettings,
+    SMTPTransport,
+    Transport,
+)
+from .destinations import Destination, VerificationStatus, parse_rua, verify_destination
+from .mail import build_report_message, report_filename
+from .model import ReportMetadata
+from .xml import ReportFormat, write_report
+
+log = logging.getLogger(__name__)
+
+REPORTS = cast(Table, ReportRow.__table__)
+DELIVERIES = cast(Table, ReportDeliveryRow.__table__)
+ATTEMPTS = cast(Table, ReportAttemptRow.__table__)
+LEASES = cast(Table, LeaseRow.__table__)
+
+GENERATOR = f"dmarcmilter/{__version__}"
+DAY = dt.timedelta(days=1)
+# The first retry waits this long; each later one twice as long, up to
+# MAX_RETRY_DELAY.  A daily timer meets them at its next run anyway; an
+# hourly one (the shipped timer) retries within the hour.
+FIRST_RETRY_DELAY = dt.timedelta(minutes=15)
+MAX_RETRY_DELAY = dt.timedelta(hours=6)
+RATE_WINDOW = dt.timedelta(hours=1)
+LEASE_NAME = "report-run"
+LEASE_TTL = dt.timedelta(minutes=10)
+
+# Delivery states (report_deliveries.status).
+PENDING = "pending"
+SENT = "sent"
+REFUSED = "refused"
+FAILED = "failed"
+
+
+class ReportError(DmarcMilterError):
+    """The report run cannot go on (lost lease, unusable settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A reporting period, ``[begin, end)`` in UTC.  The report's
+    date_range ends on its last second (RFC 9990's example: begin + 86399)."""
+
+    begin: dt.datetime
+    end: dt.datetime
+
+    def __post_init__(self) -> None:
+        for value in (self.begin, self.end):
+            if value.utcoffset() is None:
+                raise ValueError(f"period bounds must be aware datetimes, not {value}")
+            if value.microsecond:
+                raise ValueError(f"period bounds must be whole seconds, not {value.isoformat()}")
+        if self.end <= self.begin:
+            raise ValueError(
+                f"empty period: {self.end.isoformat()} is not after {self.begin.isoformat()}"
+            )
+
+    @property
+    def begin_ts(self) -> int:
+        return int(self.begin.timestamp())
+
+    @property
+    def end_ts(self) -> int:
+        return int(self.end.timestamp()) - 1
+
+    @classmethod
+    def day(cls, day: dt.date) -> Period:
+        begin = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
+        return cls(begin, begin + DAY)
+
+    @classmethod
+    def last_complete_day(cls, now: dt.datetime) -> Period:
+        return cls.day((now.astimezone(dt.UTC) - DAY).date())
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSettings:
+    """What a run needs from ``[report]``, checked: a missing required
+    key is a configuration error that names it."""
+
+    org_name: str
+    email: str
+    from_address: str
+    submitter: str
+    extra_contact_info: str | None
+    format: ReportFormat
+    envelope_to: bool
+    max_uris: int
+    rate_limit_per_hour: int
+    retry_for: dt.timedelta
+
+    @classmethod
+    def from_config(cls, config: Config, source: str = "the configuration") -> ReportSettings:
+        report = config.report
+        for key in ("org_name", "from_address"):
+            if not getattr(report, key):
+                raise ConfigError(
+                    f"{source}: report.{key} is not set; aggregate reports need it "
+                    "(see [report] in etc/dmarcmilter.toml)"
+                )
+        return cls(
+            org_name=report.org_name,
+            email=report.email or report.from_address,
+            from_address=report.from_address,
+            submitter=(report.submitter or config.effective_authserv_id()).lower().rstrip("."),
+            extra_contact_info=report.extra_contact_info or None,
+            format=ReportFormat(report.format),
+            envelope_to=report.envelope_to,
+            max_uris=report.max_uris,
+            rate_limit_per_hour=report.rate_limit_per_hour,
+            retry_for=dt.timedelta(hours=report.retry_hours),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltReport:
+    """One generated report: the attachment and where it should go."""
+
+    report_id: str
+    policy_domain: str
+    period: Period
+    format: ReportFormat
+    filename: str
+    content: bytes  # gzip-compressed XML
+    message_count: int
+    record_count: int
+    destinations: tuple[Destination, ...]
+    ignored_uris: tuple[str, ...]
+
+
+@dataclass
+class RunStats:
+    """What a run did, for the summary and the tests."""
+
+    domains: int = 0
+    reports_generated: int = 0
+    domains_already_done: int = 0
+    sent: int = 0
+    retry_later: int = 0
+    failed: int = 0
+    refused: int = 0
+    rate_limited: int = 0
+    lease_holder: str | None = None  # another host running: this run did nothing
+
+
+Progress = Callable[[int, int, str], None]
+
+
+def report_id_for(
+    submitter: str, policy: PublishedPolicy, period: Period, fmt: ReportFormat
+) -> str:
+    """Alphanumeric (the filename's unique-id must be) and stable: the same
+    domain, period, policy configuration and format give the same id, on
+    every host of a fleet, so a re-sent report keeps its name (digest §6.1)."""
+    key = repr((submitter, period.begin_ts, period.end_ts, fmt.value, dataclasses.astuple(policy)))
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def build_reports(
+    engine: Engine, settings: ReportSettings, period: Period, policy_domain: str
+) -> Iterator[BuiltReport]:
+    """The reports of one policy domain for ``period``: one per published
+    policy configuration.
+
+    [impl choice] RFC 9990 lets a receiver whose policy changed within the
+    period either send one report per configuration or report only the
+    final one; each row here is reported under the policy that was in force
+    when it was evaluated, which only separate reports can say.
+    """
+    errors = tuple(record_errors(engine, policy_domain, period.begin, period.end))
+    records = report_records(
+        engine,
+        policy_domain,
+        period.begin,
+        period.end,
+        include_envelope_to=settings.envelope_to,
+    )
+    # The reader sorts by the policy columns first, so each configuration
+    # is one run of records, streamed into its report.
+    for policy, group in itertools.groupby(records, key=_policy_of):
+        if not policy.rua:
+            # This configuration asked for no reports; its rows are skipped.
+            for _ in group:
+                pass
+            continue
+        report_id = report_id_for(settings.submitter, policy, period, settings.format)
+        metadata = ReportMetadata(
+            org_name=settings.org_name,
+            email=settings.email,
+            report_id=report_id,
+            begin=period.begin_ts,
+            end=period.end_ts,
+            generator=GENERATOR,
+            extra_contact_info=settings.extra_contact_info,
+            errors=errors,
+        )
+        buffer = io.BytesIO()
+        # No name and mtime 0 in the gzip header: the same report is the
+        # same bytes wherever and whenever it is generated.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=6) as gz:
+            written = write_report(gz, metadata, policy, group, settings.format)
+        destinations, ignored = parse_rua(policy.rua, settings.max_uris)
+        yield BuiltReport(
+            report_id=report_id,
+            policy_domain=policy_domain,
+            period=period,
+            format=settings.format,
+            filename=report_filename(
+                settings.submitter, policy_domain, period.begin_ts, period.end_ts, report_id
+            ),
+            content=buffer.getvalue(),
+            message_count=written.message_count,
+            record_count=written.record_count,
+            destinations=destinations,
+            ignored_uris=ignored,
+        )
+
+
+def _policy_of(record: Any) -> PublishedPolicy:
+    policy: PublishedPolicy = record.policy
+    return policy
+
+
+class Lease:
+    """The fleet lease (``leases`` row): at most one holder until it
+    expires; the holder renews it as it works."""
+
+    def __init__(
+        self, engine: Engine, name: str, holder: str, clock: Callable[[], dt.datetime]
+    ) -> None:
+        self.engine = engine
+        self.name = name
+        self.holder = holder
+        self.clock = clock
+        self.renewed_at: dt.datetime | None = None
+
+    def acquire(self) -> str | None:
+        """None when acquired, else who holds it."""
+        now = self.clock()
+        table = LEASES
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(table).values(
+                        name=self.name, holder=self.holder, expires_at=now + LEASE_TTL
+                    )
+                )
+        except IntegrityError:
+            # Held, or left behind by a run that died: take it over only
+            # once it has expired.  One UPDATE, so two hosts cannot both win.
+            with self.engine.begin() as conn:
+                taken = conn.execute(
+                    update(table)
+                    .where(table.c.name == self.name, table.c.expires_at < now)
+                    .values(holder=self.holder, expires_at=now + LEASE_TTL)
+                ).rowcount
+                if taken != 1:
+                    holder = conn.execute(
+                        select(table.c.holder).where(table.c.name == self.name)
+                    ).scalar()
+                    return str(holder or "another host")
+        self.renewed_at = now
+        return None
+
+    def renew(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and self.renewed_at and now - self.renewed_at < LEASE_TTL / 3:
+            return
+        table = LEASES
+        with self.engine.begin() as conn:
+            kept = conn.execute(
+                update(table)
+                .where(table.c.name == self.name, table.c.holder == self.holder)
+                .values(expires_at=now + LEASE_TTL)
+            ).rowcount
+        if kept != 1:
+            raise ReportError(
+                f"lost the {self.name} lease (stalled for over {LEASE_TTL}); "
+                "another host may be running reports"
+            )
+        self.renewed_at = now
+
+    def release(self) -> None:
+        table = LEASES
+        with self.engine.begin() as conn:
+            conn.execute(
+                delete(table).where(table.c.name == self.name, table.c.holder == self.holder)
+            )
+
+
+def host_identity() -> str:
+    """This process, for the lease and the reports table: unique even for
+    two runs on one host."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite and MySQL hand back the stored UTC wall-clock time, naive.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+class ReportJob:
+    """One ``dmarcmilter report`` run."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        resolver: Resolver | None = None,
+        transport: Transport | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        progress: Progress | None = None,
+        host: str | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.settings = ReportSettings.from_config(config)
+        self.resolver = resolver
+        self._transport = transport
+        self.clock = clock
+        self.progress = progress
+        self.host = host or host_identity()
+        self.stats = RunStats()
+
+    # -- the whole run -------------------------------------------------------
+
+    def run(self, period: Period, domain: str | None = None) -> RunStats:
+        lease = Lease(self.engine, LEASE_NAME, self.host, self.clock)
+        try:
+            holder = lease.acquire()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot take the report lease: {short_error(exc)}") from None
+        if holder is not None:
+            self.stats.lease_holder = holder
+            log.info("report run skipped: %s holds the %s lease", holder, LEASE_NAME)
+            return self.stats
+        try:
+            self.generate(period, domain, lease)
+            self.deliver(lease)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"report run failed: {short_error(exc)}") from None
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+            try:
+                lease.release()
+            except SQLAlchemyError as exc:
+                # It expires by itself; the next run takes it over then.
+                log.warning("cannot release the report lease: %s", short_error(exc))
+        return self.stats
+
+    # -- generation ------------------------------------------------------------
+
+    def domains(self, period: Period, domain: str | None) -> list[str]:
+        # Names only: a few hundred bytes per domain, never the messages.
+        names = list(policy_domains(self.engine, period.begin, period.end))
+        if domain is not None:
+            names = [name for name in names if name == domain]
+        return names
+
+    def generate(self, period: Period, domain: str | None, lease: Lease | None = None) -> None:
+        names = self.domains(period, domain)
+        self.stats.domains = len(names)
+        for done, name in enumerate(names):
+            if self.progress:
+                self.progress(done, len(names), name)
+            if lease is not None:
+                lease.renew()
+            if self._already_done(name, period):
+                self.stats.domains_already_done += 1
+                continue
+            reports = list(build_reports(self.engine, self.settings, period, name))
+            if reports and self._store(reports):
+                self.stats.reports_generated += len(reports)
+            elif reports:
+                self.stats.domains_already_done += 1
+        if self.progress:
+            self.progress(len(names), len(names), "")
+
+    def _already_done(self, policy_domain: str, period: Period) -> bool:
+        table = REPORTS
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(table.c.id)
+                .where(
+                    table.c.policy_domain == policy_domain,
+                    table.c.period_begin == period.begin_ts,
+                    table.c.period_end == period.end_ts,
+                    table.c.format == self.settings.format.value,
+                )
+                .limit(1)
+            ).first()
+        return found is not None
+
+    def _store(self, reports: list[BuiltReport]) -> bool:
+        """Store one domain's reports and their deliveries atomically;
+        False when another run stored them first."""
+        now = self.clock()
+        try:
+            with self.engine.begin() as conn:
+                for report in reports:
+                    self._store_one(conn, report, now)
+        except IntegrityError:
+            return False
+        return True
+
+    def _store_one(self, conn: Connection, report: BuiltReport, now: dt.datetime) -> None:
+        result = conn.execute(
+            insert(REPORTS).values(
+                report_id=report.report_id,
+                policy_domain=report.policy_domain,
+                period_begin=report.period.begin_ts,
+                period_end=report.period.end_ts,
+                format=report.format.value,
+                filename=report.filename,
+                message_count=report.message_count,
+                record_count=report.record_count,
+                content=report.content,
+                created_at=now,
+                created_by=self.host,
+            )
+        )
+        inserted = result.inserted_primary_key
+        assert inserted is not None  # a single-row INSERT always has one
+        report_pk = inserted[0]
+        rows = [
+            {
+                "report_pk": report_pk,
+                "position": position,
+                "uri": destination.uri,
+                "address": destination.address,
+                "destination_domain": destination.host,
+                "status": PENDING,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "sent_at": None,
+                "detail": "",
+            }
+            for position, destination in enumerate(report.destinations)
+        ]
+        if rows:
+            conn.execute(insert(DELIVERIES), rows)
+        for problem in report.ignored_uris:
+            log.info("report %s for %s: %s", report.report_id, report.policy_domain, problem)
+
+    # -- delivery --------------------------------------------------------------
+
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = make_transport(self.config.report)
+        return self._transport
+
+    def deliver(self, lease: Lease | None = None) -> None:
+        deliveries = DELIVERIES
+        now = self.clock()
+        with self.engine.connect() as conn:
+            due = conn.execute(
+                select(deliveries.c.id)
+                .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= now)
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            ).all()
+        sent_recently: dict[str, int] = {}
+        for (delivery_id,) in due:
+            if lease is not None:
+                lease.renew()
+            self._deliver_one(delivery_id, sent_recently)
+
+    def _sent_recently(self, destination_domain: str, cache: dict[str, int]) -> int:
+        if destination_domain not in cache:
+            deliveries = DELIVERIES
+            since = self.clock() - RATE_WINDOW
+            with self.engine.connect() as conn:
+                cache[destination_domain] = int(
+                    conn.execute(
+                        select(func.count())
+                        .select_from(deliveries)
+                        .where(
+                            deliveries.c.destination_domain == destination_domain,
+                            deliveries.c.sent_at > since,
+                        )
+                    ).scalar_one()
+                )
+        return cache[destination_domain]
+
+    def _deliver_one(self, delivery_id: int, sent_recently: dict[str, int]) -> None:
+        deliveries = DELIVERIES
+        reports = REPORTS
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    deliveries.c.uri,
+                    deliveries.c.address,
+                    deliveries.c.destination_domain,
+                    deliveries.c.attempts,
+                    reports.c.report_id,
+                    reports.c.policy_domain,
+                    reports.c.period_begin,
+                    reports.c.period_end,
+                    reports.c.filename,
+                    reports.c.content,
+                    reports.c.created_at,
+                )
+                .join_from(deliveries, reports, deliveries.c.report_pk == reports.c.id)
+                .where(deliveries.c.id == delivery_id, deliveries.c.status == PENDING)
+            ).first()
+        if row is None:
+            return  # settled meanwhile
+        if self._sent_recently(row.destination_domain, sent_recently) >= (
+            self.settings.rate_limit_per_hour
+        ):
+            # Left due: the next run sends it, once the hour has room.
+            self.stats.rate_limited += 1
+            return
+        parsed, _ = parse_rua(row.uri, 1)
+        if not parsed:
+            self._settle(delivery_id, row.attempts, FAILED, "refused", "unusable URI", None)
+            self.stats.refused += 1
+            return
+        verification = verify_destination(row.policy_domain, parsed[0], self._discoverer())
+        if verification.status is VerificationStatus.DEFERRED:
+            self._retry(delivery_id, row, "deferred", verification.detail)
+            return
+        if verification.status is VerificationStatus.REFUSED or verification.destination is None:
+            self._settle(delivery_id, row.attempts, REFUSED, "refused", verification.detail, None)
+            self.stats.refused += 1
+            return
+        address = verification.destination.address
+        message = build_report_message(
+            from_address=self.settings.from_address,
+            to_address=address,
+            receiver=self.settings.submitter,
+            submitter=self.settings.submitter,
+            org_name=self.settings.org_name,
+            policy_domain=row.policy_domain,
+            begin=row.period_begin,
+            end=row.period_end,
+            report_id=row.report_id,
+            attachment=row.content,
+            filename=row.filename,
+            date=self.clock(),
+        )
+        result = self.transport().send(self.settings.from_address, address, message)
+        if result.outcome is DeliveryOutcome.SENT:
+            self._settle(delivery_id, row.attempts, SENT, "sent", result.detail, address)
+            sent_recently[row.destination_domain] = sent_recently.get(row.destination_domain, 0)
+            sent_recently[row.destination_domain] += 1
+            self.stats.sent += 1
+        elif result.outcome is DeliveryOutcome.PERMFAIL:
+            self._settle(delivery_id, row.attempts, FAILED, "permfail", result.detail, address)
+            self.stats.failed += 1
+            log.warning("report %s to %s failed: %s", row.report_id, address, result.detail)
+        else:
+            self._retry(delivery_id, row, "tempfail", result.detail)
+
+    def _discoverer(self) -> Discoverer:
+        if self.resolver is None:
+            from ..evaluation import resolver_from_config
+
+            self.resolver = resolver_from_config(self.config)
+        method = DiscoveryMethod(self.config.dmarc.discovery_method)
+        psl = (
+            load_psl(self.config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
+        )
+        return Discoverer(self.resolver.session(), method, psl)
+
+    def _retry(self, delivery_id: int, row: Any, result: str, detail: str) -> None:
+        now = self.clock()
+        attempts = row.attempts + 1
+        if now - _aware(row.created_at) >= self.settings.retry_for:
+            self._settle(delivery_id, row.attempts, FAILED, result, f"gave up: {detail}", None)
+            self.stats.failed += 1
+            log.warning(
+                "report %s: giving up after %d attempts: %s", row.report_id, attempts, detail
+            )
+            return
+        delay = min(FIRST_RETRY_DELAY * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+        deliveries = DELIVERIES
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id)
+                .values(attempts=attempts, next_attempt_at=now + delay, detail=detail)
+            )
+            self._attempt(conn, delivery_id, now, result, detail)
+        self.stats.retry_later += 1
+
+    def _settle(
+        self,
+        delivery_id: int,
+        attempts: int,
+        status: str,
+        result: str,
+        detail: str,
+        address: str | None,
+    ) -> None:
+        now = self.clock()
+        values: dict[str, Any] = {"status": status, "attempts": attempts + 1, "detail": detail}
+        if status == SENT:
+            values["sent_at"] = now
+        if address is not None:
+            values["address"] = address
+        deliveries = DELIVERIES
+        with self.engine.begin() as conn:
+            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+            self._attempt(conn, delivery_id, now, result, detail)
+
+    def _attempt(
+        self, conn: Connection, delivery_id: int, now: dt.datetime, result: str, detail: str
+    ) -> None:
+        conn.execute(
+            insert(ATTEMPTS).values(
+                delivery_id=delivery_id,
+                attempted_at=now,
+                result=result,
+                detail=detail,
+                host=self.host,
+            )
+        )
+
+
+def make_transport(report: ReportConfig) -> Transport:
+    if report.transport == "sendmail":
+        return SendmailTransport(report.sendmail_path)
+    password = report.smtp_password or None
+    if report.smtp_password_file:
+        try:
+            password = Path(report.smtp_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"report.smtp_password_file: cannot read {report.smtp_password_file}: "
+                f"{exc.strerror or exc}"
+            ) from None
+    return SMTPTransport(
+        SMTPSettings(
+            host=report.smtp_host,
+            port=report.smtp_port,
+            starttls=report.smtp_starttls,
+            username=report.smtp_username or None,
+            password=password,
+            timeout=report.smtp_timeout,
+            verify_tls=report.smtp_verify_tls,
+        )
+    )
+
+
+def dry_run(
+    config: Config,
+    engine: Engine,
+    period: Period,
+    directory: Path,
+    *,
+    domain: str | None = None,
+    clock: Callable[[], dt.datetime] = _utcnow,
+    progress: Progress | None = None,
+) -> RunStats:
+    """Write every report of ``period`` into ``directory`` as ``<filename>``
+    (.xml.gz) and ``<filename>.eml`` (the message to its first destination),
+    with no DNS query, no mail and no database write."""
+    settings = ReportSettings.from_config(config)
+    job = ReportJob(config, engine, clock=clock, progress=progress, host="dry-run")
+    stats = job.stats
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    try:
+        names = job.domains(period, domain)
+        stats.domains = len(names)
+        for done, name in enumerate(names):
+            if progress:
+                progress(done, len(names), name)
+            for report in build_reports(engine, settings, period, name):
+                _write_dry_run(directory, report, settings, clock())
+                stats.reports_generated += 1
+        if progress:
+            progress(len(names), len(names), "")
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the history: {short_error(exc)}") from None
+    return stats
+
+
+def _write_dry_run(
+    directory: Path, report: BuiltReport, settings: ReportSettings, now: dt.datetime
+) -> None:
+    to = report.destinations[0].address if report.destinations else settings.email
+    message = build_report_message(
+        from_address=settings.from_address,
+        to_address=to,
+        receiver=settings.submitter,
+        submitter=settings.submitter,
+        org_name=settings.org_name,
+        policy_domain=report.policy_domain,
+        begin=report.period.begin_ts,
+        end=report.period.end_ts,
+        report_id=report.report_id,
+        attachment=report.content,
+        filename=report.filename,
+        date=now,
+    )
+    try:
+        (directory / report.filename).write_bytes(report.content)
+        (directory / f"{report.filename}.eml").write_bytes(message)
+    except OSError as exc:
+        raise ReportError(f"cannot write into {directory}: {exc.strerror or exc}") from None
+
+
+__all__ = [
+    "BuiltReport",
+    "DeliveryResult",
+    "Lease",
+    "Period",
+    "ReportError",
+    "ReportJob",
+    "ReportSettings",
+    "RunStats",
+    "build_reports",
+    "dry_run",
+    "report_id_for",
+]
