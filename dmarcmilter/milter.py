@@ -36,6 +36,7 @@ from .evaluation import Envelope, Evaluation, evaluate
 from .history.writer import HistoryWriter
 from .message import Message
 from .policy import Action, Decision, decide
+from .report.guard import is_own_report
 from .resolver import Resolver
 from .upstream import norm_id, upstream_results
 
@@ -330,7 +331,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         )
         decision = decide(evaluation, config.policy)
         actions = plan(evaluation, decision, headers, config, self.authserv_id, owned)
-        if self.state.writer is not None:
+        own_report = is_own_report(headers, config)
+        if self.state.writer is not None and not own_report:
             self.state.writer.enqueue(evaluation, decision)
         code = self._apply(actions)
         message_log.info(
@@ -344,6 +346,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                     upstream=upstream.authserv_id if upstream else None,
                     body_cut=txn.body_cut,
                     headers_cut=txn.headers_cut,
+                    own_report=own_report,
                 )
             },
         )

@@ -351,6 +351,54 @@ def test_every_evaluated_message_is_logged_once_and_recorded(start: Start) -> No
     ]
 
 
+def test_our_own_report_mail_is_never_recorded(start: Start) -> None:
+    """The loop guard: report mail of ours is evaluated and logged, but
+    kept out of the history, so no report ever reports on reports."""
+    import datetime as dt
+
+    from dmarcmilter.report.mail import build_report_message, report_filename
+
+    daemon = start(
+        {
+            "report": {
+                "org_name": "Receiver Example",
+                "from_address": "dmarc-reports@example.com",
+                "submitter": "mx.receiver.example",
+            }
+        }
+    )
+    report_id = "0123456789abcdef0123456789abcdef"
+
+    def report_mail(submitter: str) -> bytes:
+        return build_report_message(
+            from_address="dmarc-reports@example.com",
+            to_address="agg@example.org",
+            receiver=submitter,
+            submitter=submitter,
+            org_name="Receiver Example",
+            policy_domain="example.org",
+            begin=1777593600,
+            end=1777679999,
+            report_id=report_id,
+            attachment=b"\x1f\x8b not really",
+            filename=report_filename(submitter, "example.org", 1777593600, 1777679999, report_id),
+            date=dt.datetime(2026, 5, 2, tzinfo=dt.UTC),
+        )
+
+    ours = dkim_sign(report_mail("mx.receiver.example"), "example.com", "s1")
+    # The same From with another reporter's Message-ID is not ours.
+    theirs = dkim_sign(report_mail("mx.other.example"), "example.com", "s1")
+    one(daemon, ours, ip=GOOD_IP, sender="b@bounce.example.com", queue_id="R1")
+    one(daemon, theirs, ip=GOOD_IP, sender="b@bounce.example.com", queue_id="R2")
+    lines = daemon.wait_log("message", 2)
+    assert [(line["queue_id"], line["dmarc"], line.get("own_report")) for line in lines] == [
+        ("R1", "pass", "true"),
+        ("R2", "pass", None),
+    ]
+    assert daemon.stop() == 0
+    assert [row[0] for row in history(daemon)] == ["R2"]
+
+
 def test_json_log_lines(start: Start) -> None:
     import json
 

@@ -1,0 +1,48 @@
+"""The loop guard: our own aggregate report mail is never recorded.
+
+Report mail passes through MTAs, often one with this milter on it.  If it
+were recorded, the next run would report on the reports, and two reporters
+that send each other reports would keep each other busy for ever.  Report
+mail is evaluated and marked like any other message; only its history row
+is left out.
+
+A message is ours when its From is ``report.from_address`` and its
+Message-ID is the one :mod:`dmarcmilter.report.mail` gives a report,
+``<report-id@submitter>``.  Someone forging both only keeps their message
+out of our reports about our own reporting domain.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ..config import Config
+
+# A report id is alphanumeric (the filename's unique-id, digest §6.3).
+_MESSAGE_ID = re.compile(r"\s*<([A-Za-z0-9]+)@([^<>@\s]+)>\s*")
+_ADDRESS = re.compile(r"<([^<>]*)>")
+
+
+def is_own_report(headers: Sequence[tuple[str, str]], config: Config) -> bool:
+    """Whether the message with these header fields is our report mail."""
+    from_address = config.report.from_address
+    if not from_address:
+        return False
+    from_values = [v for n, v in headers if n.lower() == "from"]
+    ids = [v for n, v in headers if n.lower() == "message-id"]
+    if len(from_values) != 1 or len(ids) != 1:
+        return False
+    match = _MESSAGE_ID.fullmatch(ids[0])
+    if match is None or not _from_is(from_values[0], from_address):
+        return False
+    submitter = (config.report.submitter or config.effective_authserv_id()).lower().rstrip(".")
+    return match.group(2).lower().rstrip(".") == submitter
+
+
+def _from_is(value: str, address: str) -> bool:
+    found = _ADDRESS.findall(value)
+    mailbox = found[-1] if found else value
+    local, _, domain = mailbox.strip().rpartition("@")
+    want_local, _, want_domain = address.rpartition("@")
+    return local == want_local and domain.lower().rstrip(".") == want_domain.lower().rstrip(".")
