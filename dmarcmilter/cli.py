@@ -319,6 +319,9 @@ def cmd_db(args: argparse.Namespace) -> int:
     assert age is not None
     deleted = db.prune(url, age)
     print(f"{_shown(url)}: deleted {deleted} message(s) older than {args.older_than}")
+    reports = db.prune_reports(url, age)
+    if reports:
+        print(f"{_shown(url)}: deleted {reports} aggregate report(s) older than {args.older_than}")
     return EXIT_OK
 
 

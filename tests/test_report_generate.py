@@ -742,3 +742,20 @@ def test_lease_is_renewed_and_lost_lease_stops_the_run(
         conn.execute(update(LeaseRow).values(holder="thief"))
     with pytest.raises(ReportError, match="lost the report-run lease"):
         lease.renew(force=True)
+
+
+def test_prune_deletes_old_reports_with_their_deliveries(
+    migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
+) -> None:
+    store(engine, HISTORY)
+    job(make_config(migrated, sink), engine, resolver, Clock(RUN_AT)).run(PERIOD)
+    # The period ended at 2026-05-02T00:00Z: 29 days later it is kept, 31 days later not.
+    assert (
+        db.prune_reports(migrated, dt.timedelta(days=30), now=RUN_AT + dt.timedelta(days=29)) == 0
+    )
+    assert (
+        db.prune_reports(migrated, dt.timedelta(days=30), now=RUN_AT + dt.timedelta(days=31)) == 2
+    )
+    with engine.connect() as conn:
+        for table in (ReportRow, ReportDeliveryRow, ReportAttemptRow):
+            assert conn.execute(select(func.count()).select_from(table)).scalar() == 0

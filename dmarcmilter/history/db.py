@@ -21,7 +21,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import parse_database_url
 from ..errors import DatabaseError, SchemaError
-from .models import DKIMResultRow, MessageRow, OverrideReasonRow
+from .models import (
+    DKIMResultRow,
+    MessageRow,
+    OverrideReasonRow,
+    ReportAttemptRow,
+    ReportDeliveryRow,
+    ReportRow,
+)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Rows deleted per transaction when pruning: small enough that the milter's
@@ -176,6 +183,42 @@ def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None)
                 for child in (DKIMResultRow, OverrideReasonRow):
                     conn.execute(delete(child).where(child.message_id.in_(ids)))
                 conn.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
+                total += len(ids)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot prune the database: {short_error(exc)}") from None
+    finally:
+        engine.dispose()
+    return total
+
+
+def prune_reports(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
+    """Delete the stored aggregate reports whose period ended more than
+    ``older_than`` ago, with their deliveries and attempts; return how many."""
+    check_schema(url)
+    cutoff = int(((now or dt.datetime.now(dt.UTC)) - older_than).timestamp())
+    engine = make_engine(url)
+    total = 0
+    try:
+        while True:
+            with engine.begin() as conn:
+                ids = list(
+                    conn.scalars(
+                        select(ReportRow.id)
+                        .where(ReportRow.period_end < cutoff)
+                        .order_by(ReportRow.id)
+                        .limit(PRUNE_BATCH)
+                    )
+                )
+                if not ids:
+                    break
+                deliveries = select(ReportDeliveryRow.id).where(
+                    ReportDeliveryRow.report_pk.in_(ids)
+                )
+                conn.execute(
+                    delete(ReportAttemptRow).where(ReportAttemptRow.delivery_id.in_(deliveries))
+                )
+                conn.execute(delete(ReportDeliveryRow).where(ReportDeliveryRow.report_pk.in_(ids)))
+                conn.execute(delete(ReportRow).where(ReportRow.id.in_(ids)))
                 total += len(ids)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot prune the database: {short_error(exc)}") from None
