@@ -46,6 +46,10 @@ from tests.conftest import ROOT, shared_path
 from tests.dnsserver import TestDNSServer
 from tests.postfixserver import SMTPSink
 
+# What does not depend on the database runs on SQLite alone; storing,
+# retrying, leasing and the lease race run on every database.
+SQLITE_ONLY = pytest.mark.parametrize("migrated", ["sqlite"], indirect=True)
+
 DAY = dt.date(2026, 5, 1)
 PERIOD = Period.day(DAY)
 NOON = dt.datetime(2026, 5, 1, 12, tzinfo=dt.UTC)
@@ -121,8 +125,16 @@ HISTORY: list[tuple[int, dict[str, Any]]] = [
             "dkim_summary": '[["bar.example.com","k1","pass"],["esp.example","x","fail"]]',
         },
     ),
-    # A domain without rua: no report.
+    # A domain without rua, and one with no URI we can send to: no report.
     (5, {"header_from_domain": "quiet.example", "policy_domain": "quiet.example", "rua": ""}),
+    (
+        1,
+        {
+            "header_from_domain": "web.example",
+            "policy_domain": "web.example",
+            "rua": "https://reports.web.example/dmarc",
+        },
+    ),
 ]
 
 
@@ -240,7 +252,7 @@ def test_reports_are_generated_stored_and_delivered(
     config = make_config(migrated, sink)
     stats = job(config, engine, resolver, Clock(RUN_AT)).run(PERIOD)
 
-    assert (stats.domains, stats.reports_generated, stats.sent) == (2, 2, 2)
+    assert (stats.domains, stats.reports_generated, stats.sent) == (3, 2, 2)
     received = sink.attachments()
     assert sorted(received) == ["agg@reports.example.net", "dmarc@example.com"]
     by_domain: dict[str, Any] = {}
@@ -269,6 +281,33 @@ def test_reports_are_generated_stored_and_delivered(
     assert [r["row"]["count"] for r in bar["record"]] == [4]
     assert [d["selector"] for d in bar["record"][0]["auth_results"]["dkim"]] == ["k1", "x"]
 
+    # A real consumer reads the mail as it arrived, and finds the history.
+    import parsedmarc
+
+    consumed = {}
+    for delivered in sink.messages:
+        parsed = parsedmarc.parse_report_email(delivered.content, offline=True)
+        assert parsed["report_type"] == "aggregate"
+        report = parsed["report"]
+        consumed[report["policy_published"]["domain"]] = sorted(
+            (
+                r["source"]["ip_address"],
+                r["count"],
+                r["identifiers"]["header_from"],
+                r["policy_evaluated"]["disposition"],
+                r["policy_evaluated"]["dkim"],
+                r["policy_evaluated"]["spf"],
+            )
+            for r in report["records"]
+        )
+    assert consumed == {
+        "example.com": [
+            ("192.0.2.1", 3, "example.com", "pass", "pass", "pass"),
+            ("198.51.100.7", 2, "foo.example.com", "quarantine", "fail", "fail"),
+        ],
+        "bar.example.com": [("2001:db8::25", 4, "bar.example.com", "pass", "pass", "pass")],
+    }
+
     with engine.connect() as conn:
         deliveries = conn.execute(
             select(ReportDeliveryRow.status, ReportDeliveryRow.attempts)
@@ -291,6 +330,7 @@ def test_running_twice_sends_each_report_once(
         assert conn.execute(select(func.count()).select_from(ReportRow)).scalar() == 2
 
 
+@SQLITE_ONLY
 def test_report_id_and_bytes_are_stable(
     migrated: str,
     engine: Engine,
@@ -348,6 +388,7 @@ def test_failed_delivery_is_retried_on_a_later_run(
     assert results == ["tempfail", "sent"]
 
 
+@SQLITE_ONLY
 def test_a_server_that_is_down_is_retried(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
@@ -365,6 +406,7 @@ def test_a_server_that_is_down_is_retried(
     assert len(sink.messages) == 1
 
 
+@SQLITE_ONLY
 def test_a_permanent_failure_is_not_retried(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
@@ -379,6 +421,7 @@ def test_a_permanent_failure_is_not_retried(
     assert sink.messages == []
 
 
+@SQLITE_ONLY
 def test_retries_give_up_after_retry_hours(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
@@ -392,6 +435,7 @@ def test_retries_give_up_after_retry_hours(
         assert conn.execute(select(ReportDeliveryRow.status)).scalar() == "failed"
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize(
     ("records", "status", "recipients"),
     [
@@ -446,6 +490,7 @@ def test_external_destinations_are_verified(
         assert conn.execute(select(ReportDeliveryRow.status)).scalar() == status
 
 
+@SQLITE_ONLY
 def test_a_dns_temperror_defers_the_destination(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
@@ -468,6 +513,7 @@ def test_a_dns_temperror_defers_the_destination(
     assert [m.rcpt_tos for m in sink.messages] == [("agg@reports.example.net",)]
 
 
+@SQLITE_ONLY
 def test_rate_limit_per_destination(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
@@ -505,6 +551,7 @@ def test_a_policy_change_within_the_period_makes_one_report_per_configuration(
     assert seen["none"][1] != seen["reject"][1]
 
 
+@SQLITE_ONLY
 def test_domain_option_limits_the_run(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
@@ -549,6 +596,7 @@ def test_a_held_lease_keeps_a_second_run_out(
         assert conn.execute(select(func.count()).select_from(LeaseRow)).scalar() == 0
 
 
+@SQLITE_ONLY
 def test_dry_run_writes_files_and_nothing_else(
     migrated: str, engine: Engine, sink: ReportSink, tmp_path: Path, schema: Any
 ) -> None:
@@ -612,6 +660,55 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
     )
 
 
+@SQLITE_ONLY
+def test_cli_shows_progress_on_a_terminal(migrated: str, engine: Engine, tmp_path: Path) -> None:
+    import pty
+
+    store(engine, HISTORY)
+    config = write_config(tmp_path / "c.toml", migrated, None)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dmarcmilter",
+                "report",
+                "--config",
+                str(config),
+                "--date",
+                "2026-05-01",
+                "--dry-run",
+                str(tmp_path / "d"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+    assert proc.returncode == 0
+    assert b"0/3 bar.example.com" in shown
+    assert b"[##############################] 3/3" in shown
+    assert "2 report(s) for 3 domain(s)" in proc.stdout
+
+
+@SQLITE_ONLY
 def test_cli_dry_run_is_quiet_off_a_terminal(migrated: str, engine: Engine, tmp_path: Path) -> None:
     store(engine, HISTORY)
     config = write_config(tmp_path / "c.toml", migrated, None)
@@ -630,12 +727,13 @@ def test_cli_dry_run_is_quiet_off_a_terminal(migrated: str, engine: Engine, tmp_
         "rfc7489",
     )
     assert proc.returncode == 0
-    assert "2 report(s) for 2 domain(s)" in proc.stdout
+    assert "2 report(s) for 3 domain(s)" in proc.stdout
     text = xml_of(next((tmp_path / "v").glob("*.xml.gz")).read_bytes())
     assert "urn:ietf:params:xml:ns:dmarc-2.0" not in text
     assert "<pct>" in text
 
 
+@SQLITE_ONLY
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -684,7 +782,9 @@ def test_two_concurrent_runs_on_postgresql_send_each_report_once(
     db.upgrade(pg_db)
     engine = db.make_engine(pg_db)
     try:
-        domains = [f"d{i}.example" for i in range(40)]
+        # Enough domains that the first run is still going when the second
+        # starts.
+        domains = [f"d{i}.example" for i in range(150)]
         store(
             engine,
             [
@@ -706,7 +806,12 @@ def test_two_concurrent_runs_on_postgresql_send_each_report_once(
         for t in threads:
             t.join()
         assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
-        # Each report arrived once, whichever host sent it.
+        # They overlapped: one ran, the other found the lease held.
+        outputs = sorted(p.stdout for p in procs)
+        outputs.sort(key=lambda out: "nothing done here" in out)
+        assert "is running the reports; nothing done here" in outputs[1], outputs
+        assert f"{len(domains)} report(s) generated" in outputs[0], outputs
+        # Each report arrived once.
         rcpts = sorted(r for m in sink.messages for r in m.rcpt_tos)
         assert rcpts == sorted(f"r@{d}" for d in domains)
         with engine.connect() as conn:

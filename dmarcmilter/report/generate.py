@@ -230,8 +230,10 @@ def build_reports(
     # The reader sorts by the policy columns first, so each configuration
     # is one run of records, streamed into its report.
     for policy, group in itertools.groupby(records, key=_policy_of):
-        if not policy.rua:
-            # This configuration asked for no reports; its rows are skipped.
+        destinations, ignored = parse_rua(policy.rua, settings.max_uris)
+        if not destinations:
+            # This configuration asked for no reports, or only where we
+            # cannot send them (no mailto: URI): its rows are skipped.
             for _ in group:
                 pass
             continue
@@ -251,7 +253,6 @@ def build_reports(
         # same bytes wherever and whenever it is generated.
         with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=6) as gz:
             written = write_report(gz, metadata, policy, group, settings.format)
-        destinations, ignored = parse_rua(policy.rua, settings.max_uris)
         yield BuiltReport(
             report_id=report_id,
             policy_domain=policy_domain,
