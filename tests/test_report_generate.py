@@ -765,6 +765,22 @@ def test_cli_without_report_settings(tmp_path: Path) -> None:
     )
 
 
+@SQLITE_ONLY
+def test_cli_refuses_auth_in_the_clear_before_generating(
+    migrated: str, engine: Engine, tmp_path: Path
+) -> None:
+    store(engine, HISTORY)
+    config = write_config(tmp_path / "c.toml", migrated, None)
+    with config.open("a") as fh:
+        fh.write('smtp_host = "relay.example.net"\nsmtp_username = "u"\nsmtp_password = "p"\n')
+    config.write_text(config.read_text().replace('smtp_host = "127.0.0.1"\n', ""))
+    proc = cli("--config", str(config), "--date", "2026-05-01")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("dmarcmilter report: error: [report] smtp_* settings: smtp AUTH")
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ReportRow)).scalar() == 0
+
+
 def test_cli_with_the_database_down(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "c.toml", "postgresql+psycopg://u@127.0.0.1:9/none?connect_timeout=2", None

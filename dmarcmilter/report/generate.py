@@ -393,6 +393,9 @@ class ReportJob:
             log.info("report run skipped: %s holds the %s lease", holder, LEASE_NAME)
             return self.stats
         try:
+            # Settings the transport refuses stop the run before anything is
+            # generated, rather than after.
+            self.transport()
             self.generate(period, domain, lease)
             self.deliver(lease)
         except SQLAlchemyError as exc:
@@ -688,17 +691,20 @@ def make_transport(report: ReportConfig) -> Transport:
                 f"report.smtp_password_file: cannot read {report.smtp_password_file}: "
                 f"{exc.strerror or exc}"
             ) from None
-    return SMTPTransport(
-        SMTPSettings(
-            host=report.smtp_host,
-            port=report.smtp_port,
-            starttls=report.smtp_starttls,
-            username=report.smtp_username or None,
-            password=password,
-            timeout=report.smtp_timeout,
-            verify_tls=report.smtp_verify_tls,
+    try:
+        return SMTPTransport(
+            SMTPSettings(
+                host=report.smtp_host,
+                port=report.smtp_port,
+                starttls=report.smtp_starttls,
+                username=report.smtp_username or None,
+                password=password,
+                timeout=report.smtp_timeout,
+                verify_tls=report.smtp_verify_tls,
+            )
         )
-    )
+    except ConfigError as exc:
+        raise ConfigError(f"[report] smtp_* settings: {exc}") from None
 
 
 def dry_run(
