@@ -547,9 +547,14 @@ def test_first_start_without_configuration(tmp_path: Path) -> None:
     )
     try:
         assert proc.stderr is not None
+        seen: list[str] = []
         line = proc.stderr.readline()
         while "listening on" not in line:
-            assert line, "dmarcmilter exited before listening"
+            # (Run as root, the state directory is /var/lib/dmarcmilter: a
+            # history there from an older version must be upgraded first,
+            # and the daemon says so.)
+            assert line, f"dmarcmilter exited before listening: {''.join(seen)}"
+            seen.append(line)
             line = proc.stderr.readline()
         assert "listening on inet:8893@127.0.0.1" in line
         client = MilterClient(("127.0.0.1", 8893))
