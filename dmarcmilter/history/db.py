@@ -7,6 +7,7 @@ scripts shipped inside the package, so no alembic.ini is needed at runtime.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import create_engine, delete, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import Select, create_engine, delete, event, select
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import parse_database_url
@@ -158,67 +159,53 @@ def check_schema(url: str) -> None:
 def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
     """Delete messages that arrived more than ``older_than`` ago, with their
     DKIM results and override reasons; return the number of messages."""
-    check_schema(url)
     # UTC, like the stored values: SQLite compares the text, offset dropped.
     cutoff = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC) - older_than
-    engine = make_engine(url)
-    total = 0
-    try:
-        while True:
-            # One bounded batch per transaction, so the write lock is held
-            # briefly and a huge backlog never builds a huge transaction.
-            with engine.begin() as conn:
-                ids = list(
-                    conn.scalars(
-                        select(MessageRow.id)
-                        .where(MessageRow.arrived_at < cutoff)
-                        .order_by(MessageRow.arrived_at)
-                        .limit(PRUNE_BATCH)
-                    )
-                )
-                if not ids:
-                    break
-                # Children first and explicitly: correct even where foreign
-                # keys are not enforced (an SQLite connection opened elsewhere).
-                for child in (DKIMResultRow, OverrideReasonRow):
-                    conn.execute(delete(child).where(child.message_id.in_(ids)))
-                conn.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
-                total += len(ids)
-    except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot prune the database: {short_error(exc)}") from None
-    finally:
-        engine.dispose()
-    return total
+
+    def delete_messages(conn: Connection, ids: list[int]) -> None:
+        # Children first and explicitly: correct even where foreign keys
+        # are not enforced (an SQLite connection opened elsewhere).
+        for child in (DKIMResultRow, OverrideReasonRow):
+            conn.execute(delete(child).where(child.message_id.in_(ids)))
+        conn.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
+
+    oldest = (
+        select(MessageRow.id).where(MessageRow.arrived_at < cutoff).order_by(MessageRow.arrived_at)
+    )
+    return _delete_in_batches(url, oldest, delete_messages)
 
 
 def prune_reports(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
     """Delete the stored aggregate reports whose period ended more than
     ``older_than`` ago, with their deliveries and attempts; return how many."""
-    check_schema(url)
     cutoff = int(((now or dt.datetime.now(dt.UTC)) - older_than).timestamp())
+
+    def delete_reports(conn: Connection, ids: list[int]) -> None:
+        deliveries = select(ReportDeliveryRow.id).where(ReportDeliveryRow.report_pk.in_(ids))
+        conn.execute(delete(ReportAttemptRow).where(ReportAttemptRow.delivery_id.in_(deliveries)))
+        conn.execute(delete(ReportDeliveryRow).where(ReportDeliveryRow.report_pk.in_(ids)))
+        conn.execute(delete(ReportRow).where(ReportRow.id.in_(ids)))
+
+    oldest = select(ReportRow.id).where(ReportRow.period_end < cutoff).order_by(ReportRow.id)
+    return _delete_in_batches(url, oldest, delete_reports)
+
+
+def _delete_in_batches(
+    url: str, oldest: Select[int], delete_rows: Callable[[Connection, list[int]], None]
+) -> int:
+    """Delete what ``oldest`` selects, PRUNE_BATCH ids per transaction, so
+    the write lock is held briefly and a huge backlog never builds a huge
+    transaction; return how many."""
+    check_schema(url)
     engine = make_engine(url)
     total = 0
     try:
         while True:
             with engine.begin() as conn:
-                ids = list(
-                    conn.scalars(
-                        select(ReportRow.id)
-                        .where(ReportRow.period_end < cutoff)
-                        .order_by(ReportRow.id)
-                        .limit(PRUNE_BATCH)
-                    )
-                )
+                ids = list(conn.scalars(oldest.limit(PRUNE_BATCH)))
                 if not ids:
                     break
-                deliveries = select(ReportDeliveryRow.id).where(
-                    ReportDeliveryRow.report_pk.in_(ids)
-                )
-                conn.execute(
-                    delete(ReportAttemptRow).where(ReportAttemptRow.delivery_id.in_(deliveries))
-                )
-                conn.execute(delete(ReportDeliveryRow).where(ReportDeliveryRow.report_pk.in_(ids)))
-                conn.execute(delete(ReportRow).where(ReportRow.id.in_(ids)))
+                delete_rows(conn, ids)
                 total += len(ids)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot prune the database: {short_error(exc)}") from None

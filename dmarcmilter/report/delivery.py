@@ -37,7 +37,7 @@ import ssl
 import subprocess
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from ..errors import ConfigError
 from .mail import normalize_address
@@ -136,7 +136,25 @@ class _SessionFailed(Exception):
         self.result = result
 
 
-class SMTPTransport:
+class _Closing:
+    """``with transport:`` closes it, whatever happens inside."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SMTPTransport(_Closing):
     """SMTP to one relay, one connection for many messages.
 
     The connection is opened on the first send and kept; before each further
@@ -151,17 +169,6 @@ class SMTPTransport:
         self._where = f"{settings.host}:{settings.port}"
         self.tls_active = False  # whether the current connection runs TLS
         self._tls_context = _tls_context(settings) if settings.starttls != "off" else None
-
-    def __enter__(self) -> SMTPTransport:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def send(self, envelope_from: str, recipient: str, message: bytes) -> DeliveryResult:
         addresses = _envelope_addresses(envelope_from, recipient)
@@ -378,7 +385,7 @@ _SYSEXITS: dict[int, tuple[str, DeliveryOutcome]] = {
 }
 
 
-class SendmailTransport:
+class SendmailTransport(_Closing):
     """Each message through ``PATH -i -f FROM -- RCPT``, the message on stdin.
 
     The message goes in with LF line ends, as local submission expects
@@ -393,17 +400,6 @@ class SendmailTransport:
             raise ConfigError(f"sendmail timeout must be positive: {timeout}")
         self.path = path
         self.timeout = timeout
-
-    def __enter__(self) -> SendmailTransport:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def send(self, envelope_from: str, recipient: str, message: bytes) -> DeliveryResult:
         addresses = _envelope_addresses(envelope_from, recipient)

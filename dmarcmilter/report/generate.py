@@ -586,19 +586,16 @@ class ReportJob:
             self.stats.refused += 1
             return
         address = verification.destination.address
-        message = build_report_message(
-            from_address=self.settings.from_address,
-            to_address=address,
-            receiver=self.settings.submitter,
-            submitter=self.settings.submitter,
-            org_name=self.settings.org_name,
-            policy_domain=row.policy_domain,
-            begin=row.period_begin,
-            end=row.period_end,
-            report_id=row.report_id,
-            attachment=row.content,
-            filename=row.filename,
-            date=self.clock(),
+        message = report_message(
+            self.settings,
+            address,
+            row.policy_domain,
+            row.period_begin,
+            row.period_end,
+            row.report_id,
+            row.content,
+            row.filename,
+            self.clock(),
         )
         result = self.transport().send(self.settings.from_address, address, message)
         if result.outcome is DeliveryOutcome.SENT:
@@ -679,6 +676,34 @@ class ReportJob:
         )
 
 
+def report_message(
+    settings: ReportSettings,
+    to_address: str,
+    policy_domain: str,
+    begin: int,
+    end: int,
+    report_id: str,
+    content: bytes,
+    filename: str,
+    now: dt.datetime,
+) -> bytes:
+    """The mail carrying one stored or dry-run report to one destination."""
+    return build_report_message(
+        from_address=settings.from_address,
+        to_address=to_address,
+        receiver=settings.submitter,
+        submitter=settings.submitter,
+        org_name=settings.org_name,
+        policy_domain=policy_domain,
+        begin=begin,
+        end=end,
+        report_id=report_id,
+        attachment=content,
+        filename=filename,
+        date=now,
+    )
+
+
 def make_transport(report: ReportConfig) -> Transport:
     if report.transport == "sendmail":
         return SendmailTransport(report.sendmail_path)
@@ -746,20 +771,16 @@ def dry_run(
 def _write_dry_run(
     directory: Path, report: BuiltReport, settings: ReportSettings, now: dt.datetime
 ) -> None:
-    to = report.destinations[0].address if report.destinations else settings.email
-    message = build_report_message(
-        from_address=settings.from_address,
-        to_address=to,
-        receiver=settings.submitter,
-        submitter=settings.submitter,
-        org_name=settings.org_name,
-        policy_domain=report.policy_domain,
-        begin=report.period.begin_ts,
-        end=report.period.end_ts,
-        report_id=report.report_id,
-        attachment=report.content,
-        filename=report.filename,
-        date=now,
+    message = report_message(
+        settings,
+        report.destinations[0].address,
+        report.policy_domain,
+        report.period.begin_ts,
+        report.period.end_ts,
+        report.report_id,
+        report.content,
+        report.filename,
+        now,
     )
     try:
         (directory / report.filename).write_bytes(report.content)
