@@ -202,13 +202,24 @@ def test_parse_idn_to_a_label(uri: str) -> None:
         ("MAILTO:dmarc@example.net", "dmarc@example.net"),
         ("mailto:dmarc@example.net?subject=DMARC%20report&body=x", "dmarc@example.net"),
         ("mailto:dmarc@example.net.", "dmarc@example.net"),
-        ("mailto:%C3%BCser@example.net", "üser@example.net"),
     ],
 )
 def test_parse_percent_decoding_and_hfields(uri: str, address: str) -> None:
     found = dest(uri)
     assert found.address == address
     assert found.host == "example.net"
+
+
+@pytest.mark.parametrize(
+    "uri", ["mailto:%C3%BCser@example.net", "mailto:r@localhost", "mailto:r@under_score.example"]
+)
+def test_parse_ignores_addresses_report_mail_cannot_reach(uri: str) -> None:
+    """No SMTPUTF8 local part, and a host name the mail can carry: anything
+    else could only fail at delivery."""
+    found, problems = parse_rua(f"{uri},mailto:ok@example.net", 5)
+    assert [d.address for d in found] == ["ok@example.net"]
+    assert len(problems) == 1
+    assert "report mail cannot be sent to" in problems[0]
 
 
 def test_parse_stored_record_rua_round_trips() -> None:

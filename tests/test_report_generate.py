@@ -880,3 +880,31 @@ def test_prune_deletes_old_reports_with_their_deliveries(
     with engine.connect() as conn:
         for table in (ReportRow, ReportDeliveryRow, ReportAttemptRow):
             assert conn.execute(select(func.count()).select_from(table)).scalar() == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"authserv_id": "mx"},
+            "report.submitter is unset, so the authserv-id 'mx' is used: set report.submitter",
+        ),
+        (
+            {"report": {"org_name": "O" * 300, "submitter": SUBMITTER}},
+            "org name longer than 256 characters",
+        ),
+    ],
+)
+def test_settings_report_mail_cannot_carry_are_refused(
+    config: dict[str, Any], message: str
+) -> None:
+    from dmarcmilter.report.generate import ReportSettings
+
+    report = {
+        "org_name": "Receiver",
+        "from_address": "r@receiver.example",
+        **config.pop("report", {}),
+    }
+    with pytest.raises(ConfigError, match=r"\[report\]: ") as raised:
+        ReportSettings.from_config(config_from_mapping({**config, "report": report}))
+    assert message in str(raised.value)

@@ -31,6 +31,7 @@ from ..discovery import Discoverer
 from ..domains import DomainError, normalize_domain
 from ..record import is_dmarc_record, parse_record
 from ..resolver import DNSStatus
+from .mail import normalize_address
 
 # RFC 1035 §2.3.4: 255 octets for a whole name in wire form, 63 per label.
 MAX_NAME_WIRE_OCTETS = 255
@@ -151,6 +152,13 @@ def _parse_uri(uri: str) -> tuple[Destination | None, str]:
         host = normalize_domain(domain)
     except DomainError:
         return None, "mailto address without a valid domain"
+    try:
+        # What the report mail and SMTP will accept: an ASCII dot-atom local
+        # part (no SMTPUTF8) and a host name.  Anything else could only fail
+        # at delivery, so it is ignored here like any unusable URI.
+        normalize_address(f"{local}@{host}")
+    except ValueError:
+        return None, "mailto address that report mail cannot be sent to"
     return Destination(uri=uri, address=f"{local}@{host}", host=host), ""
 
 

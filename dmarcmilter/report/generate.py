@@ -150,7 +150,7 @@ class ReportSettings:
                     f"{source}: report.{key} is not set; aggregate reports need it "
                     "(see [report] in etc/dmarcmilter.toml)"
                 )
-        return cls(
+        settings = cls(
             org_name=report.org_name,
             email=report.email or report.from_address,
             from_address=report.from_address,
@@ -162,6 +162,29 @@ class ReportSettings:
             rate_limit_per_hour=report.rate_limit_per_hour,
             retry_for=dt.timedelta(hours=report.retry_hours),
         )
+        # The mail code has the last word on what a report mail can carry:
+        # try it once now, rather than fail on every report later.
+        try:
+            report_message(
+                settings,
+                settings.email,
+                "example.com",
+                0,
+                86399,
+                "0",
+                b"",
+                report_filename(settings.submitter, "example.com", 0, 86399, "0"),
+                dt.datetime(1970, 1, 2, tzinfo=dt.UTC),
+            )
+        except ValueError as exc:
+            hint = ""
+            if not report.submitter:
+                hint = (
+                    f" (report.submitter is unset, so the authserv-id {settings.submitter!r} "
+                    "is used: set report.submitter to this host's fully qualified name)"
+                )
+            raise ConfigError(f"{source}: [report]: {exc}{hint}") from None
+        return settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,17 +609,25 @@ class ReportJob:
             self.stats.refused += 1
             return
         address = verification.destination.address
-        message = report_message(
-            self.settings,
-            address,
-            row.policy_domain,
-            row.period_begin,
-            row.period_end,
-            row.report_id,
-            row.content,
-            row.filename,
-            self.clock(),
-        )
+        try:
+            message = report_message(
+                self.settings,
+                address,
+                row.policy_domain,
+                row.period_begin,
+                row.period_end,
+                row.report_id,
+                row.content,
+                row.filename,
+                self.clock(),
+            )
+        except ValueError as exc:
+            # parse_rua lets through only what the mail can carry; if
+            # something still slips by, fail this delivery, not the run.
+            detail = f"cannot build the report mail: {exc}"
+            self._settle(delivery_id, row.attempts, FAILED, "permfail", detail, address)
+            self.stats.failed += 1
+            return
         result = self.transport().send(self.settings.from_address, address, message)
         if result.outcome is DeliveryOutcome.SENT:
             self._settle(delivery_id, row.attempts, SENT, "sent", result.detail, address)
