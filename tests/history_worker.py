@@ -27,47 +27,61 @@ from dmarcmilter.history.writer import HistoryWriter
 
 ARRIVED = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
 
+# One message as the writer stores it: p=reject for example.com, aligned
+# DKIM and SPF passes from 192.0.2.1.  Tests change what they need.
+BASE_MESSAGE: dict[str, Any] = {
+    "queue_id": "4XyZ1",
+    "client_ip": "192.0.2.1",
+    "helo": "mx.example.com",
+    "envelope_from_domain": "bounce.example.com",
+    "envelope_to_domain": "receiver.example",
+    "header_from_domain": "example.com",
+    "policy_domain": "example.com",
+    "org_domain": "example.com",
+    "p": "reject",
+    "sp": "quarantine",
+    "np": None,
+    "adkim": "r",
+    "aspf": "r",
+    "testing": "n",
+    "pct": None,
+    "fo": "0",
+    "psd": "u",
+    "discovery_method": "treewalk",
+    "rua": "mailto:dmarc@example.com",
+    "ruf": "",
+    "record_errors": None,
+    "dmarc_result": "pass",
+    "policy_evaluated": "reject",
+    "disposition": "pass",
+    "dkim_aligned": True,
+    "spf_aligned": True,
+    "spf_domain": "bounce.example.com",
+    "spf_scope": "mfrom",
+    "spf_result": "pass",
+    "arc_result": "none",
+    "dkim_summary": '[["example.com","s1","pass"]]',
+    "reasons_summary": "[]",
+}
+
 
 def make_row(queue_id: str, **overrides: Any) -> dict[str, Any]:
-    """A history row for an aligned DKIM pass from 192.0.2.1 for example.com."""
+    """A history row for an aligned DKIM pass from 192.0.2.1 for example.com
+    (and an unaligned SPF softfail), with its DKIM results as the writer
+    receives them."""
     dkim = [{"domain": "example.com", "selector": "s1", "result": "pass", "human_result": ""}]
     row: dict[str, Any] = {
+        **BASE_MESSAGE,
         "idempotency_key": new_idempotency_key(),
         "arrived_at": ARRIVED.isoformat(),
         "queue_id": queue_id,
-        "client_ip": "192.0.2.1",
-        "helo": "mx.example.com",
-        "envelope_from_domain": "bounce.example.com",
-        "envelope_to_domain": "receiver.example",
-        "header_from_domain": "example.com",
-        "policy_domain": "example.com",
-        "org_domain": "example.com",
-        "p": "reject",
         "sp": None,
-        "np": None,
-        "adkim": "r",
-        "aspf": "r",
-        "testing": "n",
-        "pct": None,
-        "fo": "0",
-        "psd": "u",
-        "discovery_method": "treewalk",
         "rua": "mailto:d@example.com",
-        "ruf": "",
-        "record_errors": None,
-        "dmarc_result": "pass",
-        "policy_evaluated": "reject",
-        "disposition": "pass",
-        "dkim_aligned": True,
         "spf_aligned": False,
-        "spf_domain": "bounce.example.com",
-        "spf_scope": "mfrom",
         "spf_result": "softfail",
-        "arc_result": "none",
         "dkim_summary": json.dumps(
             [[d["domain"], d["selector"], d["result"]] for d in dkim], separators=(",", ":")
         ),
-        "reasons_summary": "[]",
         "dkim_results": dkim,
         "override_reasons": [],
     }

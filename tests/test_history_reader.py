@@ -32,47 +32,12 @@ from dmarcmilter.history.reader import (
     report_records,
 )
 from dmarcmilter.history.rows import RECORD_KEY_COLUMNS, new_idempotency_key, record_key
+from tests.history_worker import BASE_MESSAGE as BASE
 
 BEGIN = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 END = BEGIN + dt.timedelta(days=1)
 US = dt.timedelta(microseconds=1)
 
-# One message as the writer stores it: p=reject for example.com, aligned
-# DKIM and SPF passes from 192.0.2.1.  Each row below changes what it needs.
-BASE: dict[str, Any] = {
-    "queue_id": "4XyZ1",
-    "client_ip": "192.0.2.1",
-    "helo": "mx.example.com",
-    "envelope_from_domain": "bounce.example.com",
-    "envelope_to_domain": "receiver.example",
-    "header_from_domain": "example.com",
-    "policy_domain": "example.com",
-    "org_domain": "example.com",
-    "p": "reject",
-    "sp": "quarantine",
-    "np": None,
-    "adkim": "r",
-    "aspf": "r",
-    "testing": "n",
-    "pct": None,
-    "fo": "0",
-    "psd": "u",
-    "discovery_method": "treewalk",
-    "rua": "mailto:dmarc@example.com",
-    "ruf": "",
-    "record_errors": None,
-    "dmarc_result": "pass",
-    "policy_evaluated": "reject",
-    "disposition": "pass",
-    "dkim_aligned": True,
-    "spf_aligned": True,
-    "spf_domain": "bounce.example.com",
-    "spf_scope": "mfrom",
-    "spf_result": "pass",
-    "arc_result": "none",
-    "dkim_summary": '[["example.com","s1","pass"]]',
-    "reasons_summary": "[]",
-}
 
 # Unsigned, from a host SPF refuses, with a null reverse-path (SPF checked
 # the HELO name): quarantined instead of rejected by local policy.

@@ -44,6 +44,7 @@ from dmarcmilter.report.generate import (
 from dmarcmilter.resolver import Resolver
 from tests.conftest import ROOT, shared_path
 from tests.dnsserver import TestDNSServer
+from tests.history_worker import BASE_MESSAGE
 from tests.postfixserver import SMTPSink
 
 # What does not depend on the database runs on SQLite alone; storing,
@@ -56,39 +57,12 @@ NOON = dt.datetime(2026, 5, 1, 12, tzinfo=dt.UTC)
 RUN_AT = dt.datetime(2026, 5, 2, 0, 30, tzinfo=dt.UTC)
 SUBMITTER = "mx.receiver.example"
 
+# The reader tests' message, with SPF on the author domain itself.
 BASE: dict[str, Any] = {
-    "queue_id": "4XyZ1",
-    "client_ip": "192.0.2.1",
-    "helo": "mx.example.com",
-    "envelope_from_domain": "example.com",
-    "envelope_to_domain": "receiver.example",
-    "header_from_domain": "example.com",
-    "policy_domain": "example.com",
-    "org_domain": "example.com",
-    "p": "reject",
+    **BASE_MESSAGE,
     "sp": None,
-    "np": None,
-    "adkim": "r",
-    "aspf": "r",
-    "testing": "n",
-    "pct": None,
-    "fo": "0",
-    "psd": "u",
-    "discovery_method": "treewalk",
-    "rua": "mailto:dmarc@example.com",
-    "ruf": "",
-    "record_errors": None,
-    "dmarc_result": "pass",
-    "policy_evaluated": "reject",
-    "disposition": "pass",
-    "dkim_aligned": True,
-    "spf_aligned": True,
+    "envelope_from_domain": "example.com",
     "spf_domain": "example.com",
-    "spf_scope": "mfrom",
-    "spf_result": "pass",
-    "arc_result": "none",
-    "dkim_summary": '[["example.com","s1","pass"]]',
-    "reasons_summary": "[]",
 }
 
 # example.com reports to itself; foo.example.com has no record of its own
