@@ -776,9 +776,8 @@ def dry_run(
     """Write every report of ``period`` into ``directory`` as ``<filename>``
     (.xml.gz) and ``<filename>.eml`` (the message to its first destination),
     with no DNS query, no mail and no database write."""
-    settings = ReportSettings.from_config(config)
     job = ReportJob(config, engine, clock=clock, progress=progress, host="dry-run")
-    stats = job.stats
+    settings, stats = job.settings, job.stats
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
