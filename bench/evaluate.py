@@ -18,7 +18,7 @@ import datetime as dt
 import statistics
 import time
 
-from dmarcmilter.authresults import render
+from dmarcmilter.authres.render import render
 from dmarcmilter.config import Config, DNSConfig
 from dmarcmilter.evaluation import Envelope, evaluate, resolver_from_config
 from dmarcmilter.message import Message

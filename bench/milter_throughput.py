@@ -1017,7 +1017,10 @@ PROFILE_AREAS = (
     ("DMARC policy discovery", ("discovery.py", "dmarcmilter/dmarc.py", "dmarcmilter/record.py")),
     ("DNS resolver and cache", ("resolver.py", "dns/")),
     ("message rebuild and parsing", ("message.py", "email/", "author.py")),
-    ("policy, A-R header, actions", ("policy.py", "authresults.py", "actions.py", "upstream.py")),
+    (
+        "policy, A-R header, actions",
+        ("policy.py", "authres/render.py", "actions.py", "upstream.py"),
+    ),
     ("milter callbacks (connect, envelope, header, body)", ("milter.py", "Milter/")),
 )
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
-from .authres import authserv_id_of
-from .authresults import render, render_received_spf
+from .authres.parse import authserv_id_of
+from .authres.render import render, render_received_spf
 from .config import Config, parse_header_line
 from .evaluation import Evaluation
 from .policy import Action, Decision, QuarantineMethod, SMTPReply

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .authresults import render
+from .authres.render import render
 from .config import Config, load_config, parse_database_url
 from .discovery import Discoverer, DiscoveryMethod, DiscoveryStatus, load_psl
 from .domains import DomainError, normalize_domain

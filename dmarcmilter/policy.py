@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .authres import AuthResSyntaxError, parse
+from .authres.parse import AuthResSyntaxError, parse
 from .config import PolicyConfig
 from .dmarc import DMARCResultCode, OverrideReason, PolicyOverride
 from .domains import ascii_casefold

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Set
 
-from .authres import AuthResSyntaxError, ResInfo, authserv_id_of, parse
+from .authres.parse import AuthResSyntaxError, ResInfo, authserv_id_of, parse
 from .domains import ascii_casefold
 from .evaluation import UpstreamResults
 from .results import (

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dmarcmilter.authres import (
+from dmarcmilter.authres.parse import (
     MAX_RESULTS,
     MAX_VALUE_OCTETS,
     AuthResSyntaxError,
@@ -24,7 +24,7 @@ from dmarcmilter.authres import (
     same_authserv_id,
     same_domain,
 )
-from dmarcmilter.authresults import quote_value, render
+from dmarcmilter.authres.render import quote_value, render
 from dmarcmilter.dmarc import DMARCOutcome, DMARCResultCode, SPFVerdict
 from dmarcmilter.errors import InputError
 from dmarcmilter.evaluation import Envelope, Evaluation

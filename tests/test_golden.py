@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dmarcmilter.authresults import render
+from dmarcmilter.authres.render import render
 from dmarcmilter.config import Config, DNSConfig, PolicyConfig
 from dmarcmilter.evaluation import Envelope, evaluate
 from dmarcmilter.message import Message

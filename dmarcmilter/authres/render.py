@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 
-from .dmarc import DMARCResultCode
-from .evaluation import Evaluation
-from .results import SPFResult
+from ..dmarc import DMARCResultCode
+from ..evaluation import Evaluation
+from ..results import SPFResult
 
 # RFC 2045 token: any CHAR except SPACE, CTLs and tspecials.
 _TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+$")

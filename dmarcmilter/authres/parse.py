@@ -1,5 +1,5 @@
 """Authentication-Results parsing (RFC 8601 §2.2), for reading the fields
-other hosts wrote.  (:mod:`dmarcmilter.authresults` writes ours.)
+other hosts wrote.  (:mod:`dmarcmilter.authres.render` writes ours.)
 
 Three uses, and what each needs:
 
@@ -48,8 +48,8 @@ import re
 import string
 from dataclasses import dataclass
 
-from .domains import DomainError, normalize_domain
-from .errors import InputError
+from ..domains import DomainError, normalize_domain
+from ..errors import InputError
 
 __all__ = [
     "MAX_RESULTS",
