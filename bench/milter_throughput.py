@@ -16,6 +16,9 @@ connect to the final reply to the end of DATA, one message per session), for:
   (``SPFSelfValidate true``, ``HistoryFile`` written for every message) chained
   as two milters on TCP loopback, quickack on, other settings at their defaults;
 * ``b-unix`` dmarcmilter again, over a unix socket;
+* ``b-base`` dmarcmilter from another source tree (``--baseline-tree DIR``,
+  for example ``git worktree add --detach DIR HEAD~1``) on TCP loopback,
+  quickack on: a change is measured against its predecessor in one run;
 * ``b-noqa`` dmarcmilter on TCP loopback with quickack off (the kernel
   defaults): Nagle plus delayed ACKs stall each of the milter protocol's small
   writes for ~40 ms, see ../shared/notes/field-notes.md.
@@ -653,10 +656,12 @@ class CStack:
             log.close()
 
 
-def start_dmarcmilter(directory: Path, socket_spec: str) -> MilterDaemon:
+def start_dmarcmilter(directory: Path, socket_spec: str, source: Path = ROOT) -> MilterDaemon:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
-    daemon = MilterDaemon(directory, 53, {"milter": {"socket": socket_spec, "socket_mode": "0666"}})
+    daemon = MilterDaemon(
+        directory, 53, {"milter": {"socket": socket_spec, "socket_mode": "0666"}}, source=source
+    )
     daemon.start()
     if socket_spec.startswith("unix:"):
         allow_postfix(socket_spec.removeprefix("unix:"))
@@ -1059,13 +1064,14 @@ def summarize_profile(raw: Path, top: int = 15) -> None:
         print(f"      {100 * count / total:5.1f}%  {frame}")
 
 
-CONFIG_KEYS = ("a", "b", "c", "b-unix", "b-noqa")
+CONFIG_KEYS = ("a", "b", "c", "b-unix", "b-noqa", "b-base")
 LABELS = {
     "a": "(a) Postfix, no milter",
     "b": "(b) + dmarcmilter, TCP",
     "c": "(c) + opendkim + opendmarc, TCP",
     "b-unix": "(b-unix) + dmarcmilter, unix socket",
     "b-noqa": "(b-noqa) + dmarcmilter, TCP, quickack off",
+    "b-base": "(b-base) + baseline dmarcmilter, TCP",
 }
 
 
@@ -1074,6 +1080,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(keys) - set(CONFIG_KEYS))
     if unknown or not keys:
         raise SystemExit(f"--configs: choose from {', '.join(CONFIG_KEYS)} (not {unknown})")
+    if "b-base" in keys and args.baseline_tree is None:
+        raise SystemExit("--configs b-base needs --baseline-tree DIR")
     workdir = Path(tempfile.mkdtemp(prefix="dmarcmilter-bench-"))
     workdir.chmod(0o755)  # smtpd (user postfix) reaches the unix socket in here
     print(f"work directory: {workdir}")
@@ -1125,6 +1133,13 @@ def run(args: argparse.Namespace) -> int:
             spec = f"unix:{workdir / 'dmarcmilter-unix' / 'milter.sock'}"
             daemon_unix = start_dmarcmilter(workdir / "dmarcmilter-unix", spec)
             daemons.append(daemon_unix)
+        daemon_base = None
+        if "b-base" in keys:
+            spec = f"inet:{free_port()}@{HOST}"
+            daemon_base = start_dmarcmilter(
+                workdir / "dmarcmilter-base", spec, source=args.baseline_tree
+            )
+            daemons.append(daemon_base)
         if "c" in keys:
             cstack = CStack(workdir / "opendkim-opendmarc").start()
 
@@ -1138,6 +1153,9 @@ def run(args: argparse.Namespace) -> int:
         if daemon_unix is not None:
             checker.reconfigure(milter=milter_spec(daemon_unix))
             problems += delivered_check(checker, mails, "(b-unix) dmarcmilter")
+        if daemon_base is not None:
+            checker.reconfigure(milter=milter_spec(daemon_base))
+            problems += delivered_check(checker, mails, "(b-base) dmarcmilter, baseline")
         if cstack is not None:
             checker.reconfigure(milter=cstack.milter)
             problems += delivered_check(checker, mails, "(c) opendkim+opendmarc")
@@ -1160,6 +1178,12 @@ def run(args: argparse.Namespace) -> int:
                 cfg = Config(key, LABELS[key], tcp_server, {"dmarcmilter": daemon_tcp.proc.pid})
                 cfg.quickack = key == "b"
                 cfg.results = tcp_log
+            elif key == "b-base":
+                assert daemon_base is not None and daemon_base.proc is not None
+                server = postfix(milter_spec(daemon_base))
+                cfg = Config(key, LABELS[key], server, {"dmarcmilter": daemon_base.proc.pid})
+                cfg.quickack = True
+                cfg.results = ResultLog(daemon_base)
             elif key == "b-unix":
                 assert daemon_unix is not None and daemon_unix.proc is not None
                 server = postfix(milter_spec(daemon_unix))
@@ -1406,6 +1430,9 @@ def report(configs: list[Config], rss: RSSSampler) -> None:
     ]
     if len(sockets) > 1:
         print("  dmarcmilter by socket: " + "; ".join(sockets))
+    if "b" in summary and "b-base" in summary and summary["b-base"][0]:
+        change = 100 * (summary["b"][0] / summary["b-base"][0] - 1)
+        print(f"  this tree against --baseline-tree (b / b-base msgs/s): {change:+.1f}%")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1427,6 +1454,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--milter-before-xclient",
         action="store_true",
         help="let smtpd also connect to the milters before XCLIENT (2 connections per message)",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help=(
+            "a source tree of an earlier dmarcmilter (e.g. `git worktree add --detach DIR REV`) "
+            "for --configs b-base: both versions measured in one run"
+        ),
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")

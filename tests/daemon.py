@@ -60,8 +60,16 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 class MilterDaemon:
     """One ``dmarcmilter run`` process."""
 
-    def __init__(self, directory: Path, dns_port: int, config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        dns_port: int,
+        config: dict[str, Any] | None = None,
+        source: Path = ROOT,
+    ):
         self.directory = directory
+        # The source tree the daemon runs from (a benchmark may compare two).
+        self.source = source
         self.socket = str(directory / "milter.sock")
         self.config_path = directory / "dmarcmilter.toml"
         self.log_path = directory / "dmarcmilter.log"
@@ -86,7 +94,7 @@ class MilterDaemon:
         return [sys.executable, "-m", "dmarcmilter", "run", "--config", str(self.config_path)]
 
     def start(self, *, wait: bool = True) -> MilterDaemon:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(self.source)}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.command(), cwd=self.directory, env=env, stdout=self._log, stderr=self._log
