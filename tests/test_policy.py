@@ -17,7 +17,7 @@ from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.message import Message
 from dmarcmilter.policy import Action, Decision, Disposition, QuarantineMethod, decide
 from dmarcmilter.resolver import Resolver
-from dmarcmilter.upstream import norm_id
+from dmarcmilter.upstream import norm_id, own_ids
 from tests.dnsserver import TestDNSServer
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
@@ -336,6 +336,20 @@ def test_forged_authentication_results_are_found_by_index() -> None:
         ("Authentication-Results", 3),
     )
     assert plan_unevaluated(headers, OWNED).remove == forged_fields(headers, OWNED)
+
+
+def test_forged_fields_in_every_spelling_are_found() -> None:
+    headers = [
+        ("Authentication-Results", "mx.receiver.e\u0445ample; dmarc=pass"),  # Cyrillic: kept
+        ("Authentication-Results", "\uff4dx.receiver.example; dmarc=pass"),
+        ("Authentication-Results", '"MX2\uff0eRECEIVER\uff0eEXAMPLE\u3002"; dmarc=pass'),
+        ("Authentication-Results", "mx.rece\u00adiver.example; dmarc=pass"),
+        ("Authentication-Results", "x" * 2000 + "; dmarc=pass"),
+    ]
+    owned = own_ids("mx.receiver.example", "mx2.receiver.example")
+    assert forged_fields(headers, owned) == tuple(
+        ("Authentication-Results", n) for n in (2, 3, 4, 5)
+    )
 
 
 def test_plan_for_a_quarantined_message(run: Evaluator) -> None:
