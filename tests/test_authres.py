@@ -870,6 +870,7 @@ OURS = frozenset({authserv_id_key("mx.kiosk.example"), authserv_id_key("xn--bche
         "\uff58\uff4e--bcher-kva.example",  # a fullwidth "xn"
         "x" * (MAX_AUTHSERV_ID_CHARS + 1),  # too long to examine: counts as ours
         "mx.kiosk.example" + "\u00ad" * MAX_AUTHSERV_ID_CHARS,
+        "mx.kiosk.example" + "\u200b" * 200,  # padding within the bound is folded away
     ],
 )
 def test_every_spelling_a_reader_may_take_for_our_id_claims_it(written: str) -> None:

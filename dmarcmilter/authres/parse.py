@@ -75,8 +75,9 @@ MAX_VALUE_OCTETS = 64 * 1024
 MAX_RESULTS = 256
 # An authserv-id longer than this is never compared: when stripping, it
 # counts as claiming one of ours (see claims_authserv_id); it is never
-# trusted.  Our own ids are host names, far shorter.
-MAX_AUTHSERV_ID_CHARS = 1024
+# trusted.  Ours are host names, and no domain name is longer (RFC 1035
+# §3.1: 255 octets).  It also bounds the normalisation work per field.
+MAX_AUTHSERV_ID_CHARS = 255
 # More digits than any version will have; also keeps int() far from
 # Python's limit on converting long digit strings.
 _MAX_VERSION_DIGITS = 9
@@ -241,10 +242,7 @@ def authserv_id_key(authserv_id: str) -> str:
     white space and trailing dots dropped.  Call it on ids no longer than
     :data:`MAX_AUTHSERV_ID_CHARS` (see :func:`claims_authserv_id`).
     """
-    text = _fold(authserv_id)
-    if "xn--" in text:
-        text = ".".join(_fold(_from_a_label(label)) for label in text.split("."))
-    return text.strip().rstrip(".").strip()
+    return _decode_a_labels(_folded_key(authserv_id))
 
 
 def claims_authserv_id(authserv_id: str, own_keys: Set[str]) -> bool:
@@ -253,11 +251,32 @@ def claims_authserv_id(authserv_id: str, own_keys: Set[str]) -> bool:
     function).  An id over :data:`MAX_AUTHSERV_ID_CHARS` is not examined and
     counts as ours: padding (say, with soft hyphens a consumer ignores) must
     not carry a forgery past the comparison; an honest id is never that long.
+
+    A-labels in ``authserv_id`` are decoded only when one of our keys has a
+    U-label: a valid A-label never decodes to plain ASCII (RFC 5891 §5.4),
+    so without one the decoding could not make a match, and an attacker's
+    "xn--" labels cost nothing.
     """
     if len(authserv_id) > MAX_AUTHSERV_ID_CHARS:
         return True
-    key = authserv_id_key(authserv_id)
-    return bool(key) and key in own_keys
+    key = _folded_key(authserv_id)
+    if not key:
+        return False
+    if key in own_keys:
+        return True
+    if "xn--" in key and not all(own.isascii() for own in own_keys):
+        return _decode_a_labels(key) in own_keys
+    return False
+
+
+def _folded_key(authserv_id: str) -> str:
+    return _fold(authserv_id).strip().rstrip(".").strip()
+
+
+def _decode_a_labels(key: str) -> str:
+    if "xn--" not in key:
+        return key
+    return ".".join(_fold(_from_a_label(label)) for label in key.split("."))
 
 
 def trusted_id_key(authserv_id: str) -> str | None:
