@@ -14,6 +14,7 @@ what the MTA is told with a golden file (tests/hostile.py):
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
 from tests.hostile import check_golden, outcome_text
 from tests.milterclient import EndOfMessage, MilterClient
+from tests.postfixserver import (
+    MYHOSTNAME,
+    PostfixInstances,
+    PostfixServer,
+    allow_postfix,
+    make_socket_dir,
+)
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
 ZONE: dict[str, Any] = {
@@ -242,3 +250,53 @@ def test_a_sealer_pass_split_off_by_psd_n_does_not_align(
     daemon = start(SEALERS)
     eom = one(daemon, forwarded(results))
     check_golden(f"trust_arc_psd_n_{case}", outcome_text(eom))
+
+
+# -- 8b behind a real Postfix: the j macro is Postfix's myhostname --------------------
+
+
+@pytest.fixture
+def postfix_milter(
+    postfix_instances: PostfixInstances, dns_server: TestDNSServer
+) -> Iterator[tuple[PostfixServer, MilterDaemon]]:
+    dns_server.set_zone(ZONE)
+    directory = make_socket_dir()
+    # No authserv_id: ours is Postfix's j, which is also listed as trusted,
+    # and the attacker's address is in the upstream networks.
+    config = {
+        "authserv_id": "",
+        "milter": {"socket_mode": "0666"},
+        "headers": {
+            "trusted_authserv_ids": [MYHOSTNAME],
+            "trusted_upstream_networks": ["203.0.113.0/24"],
+        },
+    }
+    daemon = MilterDaemon(directory, dns_server.port, config).start()
+    allow_postfix(daemon.socket)
+    server = postfix_instances.start(
+        milter=f"unix:{daemon.socket}", milter_default_action="tempfail"
+    )
+    try:
+        yield server, daemon
+    finally:
+        postfix_instances.remove(server)
+        daemon.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postfix_j_name_listed_as_trusted_is_not_trusted(
+    postfix_milter: tuple[PostfixServer, MilterDaemon],
+) -> None:
+    mta, _ = postfix_milter
+    forged = ar(
+        f"{MYHOSTNAME}; spf=pass smtp.mailfrom=ceo@example.com; dkim=pass header.d=example.com"
+    )
+    sent = mta.send(
+        "ceo@example.com", "user@receiver.example", victim(forged), client_ip=ATTACKER_IP
+    )
+    assert sent.accepted, sent.reply
+    delivered = mta.wait_for_delivery(sent)
+    (ours,) = delivered.header_values("Authentication-Results")
+    assert ours.startswith(f"{MYHOSTNAME};")
+    assert "dmarc=fail" in ours and "spf=pass" not in ours
+    assert delivered.header("X-Spam-Flag") == "YES"
