@@ -100,7 +100,8 @@ class PolicyConfig:
     # Mail with List-Id or List-Post that fails is quarantined, not rejected.
     mailing_list_downgrade: bool = True
     # ARC sealers (RFC 8617) whose validated results may vouch for a message
-    # that fails DMARC after their forwarding (reason trusted_forwarder).
+    # that fails DMARC after their forwarding (reason trusted_forwarder), if
+    # no hop after theirs was sealed by an untrusted sealer.
     trusted_arc_sealers: tuple[str, ...] = ()
     # A DNS failure that leaves the result temperror: "accept" delivers with
     # dmarc=temperror, "tempfail" answers 451 so the sender retries.
