@@ -18,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
-from .authres.parse import authserv_id_of
+from .authres.parse import authserv_id_of, claims_authserv_id
 from .authres.render import render, render_received_spf
 from .config import Config, parse_header_line
 from .evaluation import Evaluation
 from .policy import Action, Decision, QuarantineMethod, SMTPReply
-from .upstream import AUTHENTICATION_RESULTS, norm_id
+from .upstream import AUTHENTICATION_RESULTS
 
 MONITOR_HEADER = "X-DMARC-Monitor"
 
@@ -47,7 +47,8 @@ def forged_fields(
     headers: Iterable[tuple[str, str]], owned: Set[str]
 ) -> tuple[tuple[str, int], ...]:
     """The Authentication-Results fields claiming an authserv-id in
-    ``owned`` (normalised with :func:`upstream.norm_id`)."""
+    ``owned`` (keys made with :func:`upstream.norm_id`), as any reader
+    could take them: see :func:`authres.parse.claims_authserv_id`."""
     seen = 0
     forged = []
     for name, value in headers:
@@ -57,7 +58,7 @@ def forged_fields(
         # A field too malformed to parse still names its authserv-id first;
         # one that names none at all cannot be attributed to us.
         authserv_id = authserv_id_of(value)
-        if authserv_id is not None and norm_id(authserv_id) in owned:
+        if authserv_id is not None and claims_authserv_id(authserv_id, owned):
             forged.append((name, seen))
     return tuple(forged)
 

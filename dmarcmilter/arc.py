@@ -24,11 +24,17 @@ from collections.abc import Callable, Sequence
 import dkim
 from dkim.canonicalization import Relaxed as RelaxedCanonicalization
 
-from .dkim import ENGINE_LOGGER, FastVerifyMixin, domain_or_empty, header_text, load_key
+from .authres.parse import AuthResSyntaxError, ResInfo, parse
+
+# ARC uses DKIM's keys and signature algorithms (RFC 8617 §5.1, §5.2), so the
+# crypto engine is DKIM's; tag lists are read by the shared taglist module.
+from .dkim import ENGINE_LOGGER, FastVerifyMixin, load_key
+from .domains import ascii_casefold
 from .resolver import DNSFailure, DNSSession
 from .results import ARCHop, ARCOutcome, ARCResultCode
+from .taglist import domain_or_empty, header_text, loose_tags, unfold
 
-__all__ = ["MAX_ARC_SETS", "verify_arc"]
+__all__ = ["MAX_ARC_SETS", "hop_results", "trusted_hops", "verify_arc"]
 
 # RFC 8617 §4.2.1: instance values run from 1 to 50.
 MAX_ARC_SETS = 50
@@ -41,7 +47,6 @@ _ARC_FIELDS = (_SEAL, _AMS, _AAR)
 _HAS_ARC = re.compile(rb"(?im)^arc-(?:seal|message-signature|authentication-results)[ \t]*:")
 _HEADER_SEPARATOR = re.compile(rb"\r?\n\r?\n")
 _LINE = re.compile(rb"\r?\n")
-_WSP = re.compile(rb"[ \t]+")
 # RFC 8617 §4.1.1: the AAR value starts with the instance tag.
 _AAR_INSTANCE = re.compile(rb"^\s*i\s*=\s*([0-9]+)\s*;\s*")
 
@@ -155,11 +160,11 @@ def _read_sets(
             continue
         parsed: dict[bytes, bytes] | bytes
         if name == _AAR:
-            parsed = _unfold(value)
+            parsed = unfold(value)
             match = _AAR_INSTANCE.match(parsed)
             text = match.group(1) if match else b""
         else:
-            parsed = _tags(value)
+            parsed = loose_tags(value)
             text = parsed.get(b"i", b"")
         instance = int(text) if text.isdigit() and len(text) <= 4 else 0
         if instance < 1:
@@ -208,28 +213,6 @@ def _hop(instance: int, found: dict[bytes, dict[bytes, bytes] | bytes]) -> ARCHo
     )
 
 
-def _tags(value: bytes) -> dict[bytes, bytes]:
-    """Best-effort tag list (first occurrence wins): the hops are read for
-    logging even from sets dkimpy rejects."""
-    tags: dict[bytes, bytes] = {}
-    for spec in value.split(b";"):
-        key, eq, val = spec.partition(b"=")
-        key = key.strip()
-        if eq and key and key not in tags:
-            tags[key] = val.strip()
-    return tags
-
-
-def _unfold(value: bytes) -> bytes:
-    # RFC 5322 §2.2.3 unfolding, then runs of blanks made one, as relaxed
-    # canonicalisation does, so the payload reads as one clean line.
-    if b"\n" in value:
-        value = _LINE.sub(b"", value)
-    if b"\t" in value or b"  " in value:
-        value = _WSP.sub(b" ", value)
-    return value.strip()
-
-
 def _name(name: bytes) -> str:
     return {_SEAL: "ARC-Seal", _AMS: "ARC-Message-Signature"}.get(
         name, "ARC-Authentication-Results"
@@ -238,3 +221,36 @@ def _name(name: bytes) -> str:
 
 def _short(text: str) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def trusted_hops(outcome: ARCOutcome, trusted: Sequence[str]) -> tuple[ARCHop, ...]:
+    """The hops whose results may vouch for the message, newest first: with
+    a validated chain (cv=pass), the newest hop and each older one down to
+    the first not sealed by a ``trusted`` sealer (RFC 8617 §7.2 leaves whom
+    to trust to local policy).
+
+    A trusted sealer's results describe the message as it reached that
+    sealer.  An untrusted hop after it may have rewritten the message and
+    sealed it again with a valid chain (cv=pass only says each sealer
+    signed what it received), so an older trusted hop vouches only when
+    every later hop is trusted too.  Sealer names compare as DNS names
+    (ASCII case-insensitive, trailing dot ignored), never more loosely.
+    """
+    if outcome.result is not ARCResultCode.PASS or not trusted:
+        return ()
+    names = {ascii_casefold(name) for name in trusted}
+    hops: list[ARCHop] = []
+    for hop in reversed(outcome.hops):
+        if not hop.sealer_domain or ascii_casefold(hop.sealer_domain) not in names:
+            break
+        hops.append(hop)
+    return tuple(hops)
+
+
+def hop_results(hop: ARCHop) -> tuple[ResInfo, ...]:
+    """The results a hop recorded in its ARC-Authentication-Results (RFC 8617
+    §4.1.1: the A-R syntax after ``i=N;``); none when they do not parse."""
+    try:
+        return parse(hop.authentication_results).results
+    except AuthResSyntaxError:
+        return ()

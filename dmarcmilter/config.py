@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from .authres.parse import authserv_id_key
 from .errors import ConfigError
 
 # The state directory of a system installation, used when it is writable.
@@ -99,7 +100,8 @@ class PolicyConfig:
     # Mail with List-Id or List-Post that fails is quarantined, not rejected.
     mailing_list_downgrade: bool = True
     # ARC sealers (RFC 8617) whose validated results may vouch for a message
-    # that fails DMARC after their forwarding (reason trusted_forwarder).
+    # that fails DMARC after their forwarding (reason trusted_forwarder), if
+    # no hop after theirs was sealed by an untrusted sealer.
     trusted_arc_sealers: tuple[str, ...] = ()
     # A DNS failure that leaves the result temperror: "accept" delivers with
     # dmarc=temperror, "tempfail" answers 451 so the sender retries.
@@ -131,6 +133,10 @@ class HeadersConfig:
     # Upstream hosts (an internal relay) whose A-R SPF and DKIM results are
     # used instead of checking again.  Their A-R fields are kept.
     trusted_authserv_ids: tuple[str, ...] = ()
+    # Networks (CIDR) of the SMTP clients that may hand us those results:
+    # a trusted A-R is used only on a connection from one of them.
+    # Required when trusted_authserv_ids is set.
+    trusted_upstream_networks: tuple[str, ...] = ()
     # Also add a Received-SPF field (RFC 7208 §9.1).
     received_spf: bool = False
 
@@ -317,6 +323,10 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
         ("policy.tempfail_text", config.policy.tempfail_text, _reply_text),
     ]
     checks += [("clients.trusted_networks", n, _network) for n in config.clients.trusted_networks]
+    checks += [
+        ("headers.trusted_upstream_networks", n, _network)
+        for n in config.headers.trusted_upstream_networks
+    ]
     domain_lists = {
         "policy.enforce_reject_domains": config.policy.enforce_reject_domains,
         "policy.trusted_arc_sealers": config.policy.trusted_arc_sealers,
@@ -330,16 +340,28 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
         except ValueError as exc:
             raise ConfigError(f"{source}: {key}: {exc}") from None
     _check_report(config.report, source)
-    owned = {i.lower().rstrip(".") for i in config.headers.owned_authserv_ids}
-    if config.authserv_id:
-        owned.add(config.authserv_id.lower().rstrip("."))
-    trusted = {i.lower().rstrip(".") for i in config.headers.trusted_authserv_ids}
-    if owned & trusted:
-        raise ConfigError(
-            f"{source}: headers.trusted_authserv_ids: {sorted(owned & trusted)[0]!r} is also "
-            "an authserv-id of ours; results claiming our own id are always removed"
-        )
+    _check_upstream_trust(config, source)
     return config
+
+
+def _check_upstream_trust(config: Config, source: str) -> None:
+    headers = config.headers
+    # Compared as stripping compares them: an id any reader could take for
+    # ours is never trusted (it is removed on every message).
+    owned = {authserv_id_key(i) for i in (*headers.owned_authserv_ids, config.authserv_id) if i}
+    for trusted in headers.trusted_authserv_ids:
+        if authserv_id_key(trusted) in owned:
+            raise ConfigError(
+                f"{source}: headers.trusted_authserv_ids: {trusted!r} is also "
+                "an authserv-id of ours; results claiming our own id are always removed"
+            )
+    if headers.trusted_authserv_ids and not headers.trusted_upstream_networks:
+        # Trusting an id alone trusts any sender who types it.  Refusing to
+        # start says so, where silently ignoring the ids would not.
+        raise ConfigError(
+            f"{source}: headers.trusted_upstream_networks: required when "
+            "headers.trusted_authserv_ids is set (the relays' client networks)"
+        )
 
 
 def _check_report(report: ReportConfig, source: str) -> None:

@@ -75,6 +75,7 @@ from dkim.crypto import DigestTooLargeError
 from .domains import DomainError, normalize_domain
 from .resolver import DNSFailure, DNSSession, DNSStatus
 from .results import DKIMOutcome, DKIMResultCode, DKIMSignatureResult
+from .taglist import domain_or_empty, header_text, loose_tags
 
 __all__ = ["ENGINE_LOGGER", "FastVerifyMixin", "KeyRecord", "load_key", "verify_dkim"]
 
@@ -682,20 +683,8 @@ def _b64_decode(value: bytes) -> bytes | None:
         return None
 
 
-def _loose_tags(value: bytes) -> dict[bytes, bytes]:
-    """Best-effort tag list, for reporting d=, s=, a=, i= and b= even from a
-    signature too broken to verify: first occurrence wins, junk skipped."""
-    tags: dict[bytes, bytes] = {}
-    for spec in value.split(b";"):
-        name, eq, val = spec.partition(b"=")
-        name = name.strip()
-        if eq and name and name not in tags:
-            tags[name] = val.strip()
-    return tags
-
-
 def _unverifiable(value: bytes, reason: str) -> DKIMSignatureResult:
-    info = _loose_tags(value)
+    info = loose_tags(value)
     return DKIMSignatureResult(
         domain=domain_or_empty(info.get(b"d", b"")),
         selector=header_text(info.get(b"s", b"")),
@@ -728,19 +717,6 @@ def _scan_signature_values(message: bytes) -> list[bytes]:
     if current is not None:
         values.append(b"\r\n".join(current))
     return values
-
-
-def domain_or_empty(value: bytes) -> str:
-    try:
-        return normalize_domain(header_text(value))
-    except DomainError:
-        return ""
-
-
-def header_text(value: bytes) -> str:
-    # Header bytes are ASCII or UTF-8 (RFC 6532); anything else is replaced so
-    # a report can always be written.
-    return value.decode("utf-8", "replace").strip()
 
 
 def _short(exc: BaseException) -> str:

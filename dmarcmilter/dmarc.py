@@ -16,12 +16,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .authres.parse import ResInfo, domain_part, same_domain
 from .discovery import (
     Discoverer,
     DiscoveryMethod,
     DiscoveryStatus,
     PolicyDiscovery,
 )
+from .domains import DomainError, normalize_domain
 from .record import AlignmentMode, DMARCRecord, Policy
 from .results import (
     AuthorResult,
@@ -296,3 +298,75 @@ def _temporary_failure_could_align(
         and aligner.alignment(v.signature.domain, record.adkim) is not Alignment.NONE
         for v in dkim_v
     )
+
+
+# -- trusted ARC sealers: what their recorded results are worth ------------------------
+#
+# RFC 8617 §7.2, RFC 9989 §5.3 (local policy): a trusted sealer's ARC-
+# Authentication-Results may vouch for a message that fails DMARC after the
+# sealer's forwarding.  Whether an identifier it recorded aligns with the
+# Author Domain is judged here by the same rule as for our own results (the
+# _Aligner: equality, or the Organizational Domains found by their walks),
+# never by a string suffix: psd=n and TLD records make a suffix lie.
+
+# Distinct identifiers from sealers' results whose alignment is worked out
+# per message; past it the rest count as not aligned (no override, which
+# only withholds a favour).  Each may cost an Organizational Domain walk.
+MAX_SEALER_IDENTIFIERS = 8
+
+
+def alignment_of(
+    outcome: DMARCOutcome, discoverer: Discoverer, identifier: str, mode: AlignmentMode
+) -> Alignment:
+    """RFC 9989 §4.4 alignment of ``identifier`` (a normalised domain) with
+    the Author Domain of ``outcome``, through the message's memoised
+    ``discoverer``.  NONE when the outcome has no policy to align under, or
+    when a walk fails (this never turns the result into temperror)."""
+    if outcome.author_domain is None or outcome.discovery is None:
+        return Alignment.NONE
+    return _Aligner(outcome.author_domain, outcome.discovery, discoverer).alignment(
+        identifier, mode
+    )
+
+
+def sealer_vouch(
+    outcome: DMARCOutcome,
+    hops: tuple[tuple[str, tuple[ResInfo, ...]], ...],
+    discoverer: Discoverer,
+) -> str | None:
+    """The first sealer among ``hops`` ((sealer domain, recorded results),
+    the trusted ones only, newest first) that recorded, for the Author
+    Domain, a DMARC pass or an aligned SPF or DKIM pass; None if none did.
+
+    Only for a failing message: a pass needs no voucher.
+    """
+    author = outcome.author_domain
+    record = outcome.record
+    if outcome.result is not DMARCResultCode.FAIL or author is None or record is None:
+        return None
+    checked: dict[tuple[str, AlignmentMode], bool] = {}
+
+    def aligned(value: str | None, mode: AlignmentMode) -> bool:
+        try:
+            identifier = normalize_domain(domain_part(value or ""))
+        except DomainError:
+            return False
+        key = (identifier, mode)
+        if key not in checked:
+            if len(checked) >= MAX_SEALER_IDENTIFIERS:
+                return False
+            alignment = alignment_of(outcome, discoverer, identifier, mode)
+            checked[key] = alignment is not Alignment.NONE
+        return checked[key]
+
+    for sealer, results in hops:
+        for res in results:
+            if res.result != "pass":
+                continue
+            if res.method == "dmarc" and same_domain(res.get("header.from") or "", author):
+                return sealer
+            if res.method == "dkim" and aligned(res.get("header.d"), record.adkim):
+                return sealer
+            if res.method == "spf" and aligned(res.get("smtp.mailfrom"), record.aspf):
+                return sealer
+    return None

@@ -12,12 +12,12 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 
-from .arc import verify_arc
+from .arc import hop_results, trusted_hops, verify_arc
 from .author import extract_author
 from .config import Config
 from .discovery import Discoverer, DiscoveryMethod, load_psl
 from .dkim import unverified, verify_dkim
-from .dmarc import DMARCOutcome, evaluate_dmarc
+from .dmarc import DMARCOutcome, evaluate_dmarc, sealer_vouch
 from .errors import InputError
 from .message import Message
 from .resolver import DNSSession, Resolver, ResolverSettings
@@ -72,6 +72,10 @@ class Evaluation:
     # List-Id (RFC 2919) or List-Post (RFC 2369) present: mailing-list mail,
     # which local policy may treat more gently (RFC 9989 §7.4).
     mailing_list: bool = False
+    # A trusted ARC sealer (policy.trusted_arc_sealers) of the newest hops
+    # whose recorded results show an aligned pass for a failing message:
+    # local policy may honour it (RFC 8617 §7.2).  See dmarc.sealer_vouch.
+    arc_vouch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +136,12 @@ def evaluate(
         )
     arc = verify_arc(message.raw, session)
     # 4-5. Policy discovery, alignment and the DMARC result.
-    dmarc = evaluate_dmarc(author, spf, dkim, Discoverer(session, method, psl))
+    discoverer = Discoverer(session, method, psl)
+    dmarc = evaluate_dmarc(author, spf, dkim, discoverer)
+    hops = trusted_hops(arc, config.policy.trusted_arc_sealers)
+    vouch = sealer_vouch(dmarc, tuple((h.sealer_domain, hop_results(h)) for h in hops), discoverer)
     mailing_list = any(name.lower() in LIST_HEADERS for name, _ in message.headers)
-    return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at, mailing_list)
+    return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at, mailing_list, vouch)
 
 
 def resolver_from_config(config: Config) -> Resolver:

@@ -38,7 +38,7 @@ from .message import Message
 from .policy import Action, Decision, decide
 from .report.guard import is_own_report
 from .resolver import Resolver
-from .upstream import norm_id, upstream_results
+from .upstream import UpstreamTrust, own_ids, upstream_results
 
 log = logging.getLogger("dmarcmilter")
 message_log = logging.getLogger("dmarcmilter.message")
@@ -75,7 +75,7 @@ class Runtime:
     authserv_id: str  # configured; empty: the MTA's j macro, else our name
     host_name: str  # this host's name, looked up once (it may take DNS)
     owned_ids: frozenset[str]
-    trusted_ids: frozenset[str]
+    upstream_trust: UpstreamTrust
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
@@ -87,16 +87,15 @@ class Runtime:
             from .evaluation import resolver_from_config
 
             resolver = resolver_from_config(config)
-        owned = {norm_id(i) for i in config.headers.owned_authserv_ids}
-        if config.authserv_id:
-            owned.add(norm_id(config.authserv_id))
+        host_name = config.effective_authserv_id()
+        owned = own_ids(*config.headers.owned_authserv_ids, config.authserv_id, host_name)
         return cls(
             config,
             resolver,
             config.authserv_id,
-            config.effective_authserv_id(),
-            frozenset(owned),
-            frozenset(norm_id(i) for i in config.headers.trusted_authserv_ids),
+            host_name,
+            owned,
+            UpstreamTrust.from_config(config.headers),
             tuple(ipaddress.ip_network(n, strict=False) for n in config.clients.trusted_networks),
         )
 
@@ -287,7 +286,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         runtime = self.runtime
         config = runtime.config
         queue_id = self._queue_id()
-        owned = runtime.owned_ids | {norm_id(self.authserv_id)}
+        # Ours at run time too: the name we write and the MTA's j name.
+        owned = runtime.owned_ids | own_ids(self.authserv_id, self.getsymval("j"))
         lead = self._leading_space()
         # With leading whitespace negotiated a value is " text": Message
         # keeps those exact bytes for DKIM, the rest of the core wants text.
@@ -320,7 +320,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             return code
         body = b"".join(txn.body or ())
         message = Message.from_parts(txn.headers, body, leading_space=lead)
-        upstream = upstream_results(headers, runtime.trusted_ids, envelope.mail_from == "")
+        upstream = upstream_results(headers, runtime.upstream_trust, envelope, owned)
         evaluation = evaluate(
             envelope,
             message,

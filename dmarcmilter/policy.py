@@ -26,13 +26,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .authres.parse import AuthResSyntaxError, parse
 from .config import PolicyConfig
 from .dmarc import DMARCResultCode, OverrideReason, PolicyOverride
 from .domains import ascii_casefold
 from .evaluation import Evaluation
-from .record import AlignmentMode, Policy
-from .results import ARCResultCode
+from .record import Policy
 
 
 class Disposition(enum.Enum):
@@ -201,57 +199,18 @@ def _reject_enforced(evaluation: Evaluation, config: PolicyConfig) -> bool:
 def trusted_arc_sealer(evaluation: Evaluation, trusted: tuple[str, ...]) -> str | None:
     """The trusted ARC sealer that vouches for the message, if any.
 
-    RFC 8617 §7.2 leaves it to local policy.  All must hold: the chain
-    validates (cv=pass), the hop was sealed by a configured sealer, and that
-    sealer's ARC-Authentication-Results show, for the Author Domain, a DMARC
-    pass or an aligned SPF or DKIM pass.
-
-    [impl choice] Alignment of the sealer's identifiers is judged without
-    new DNS queries (DMARC never queries again): strict is equality; relaxed
-    accepts the Author Domain's Organizational Domain and names under it.
+    RFC 8617 §7.2 leaves it to local policy.  The core works out the fact
+    (:attr:`Evaluation.arc_vouch`): the chain validates, the sealer sealed
+    the newest hop or only trusted sealers came after it, and its
+    ARC-Authentication-Results show, for the Author Domain, a DMARC pass or
+    an SPF or DKIM pass aligned by DMARC's own rule
+    (:func:`dmarcmilter.dmarc.sealer_vouch`).  Here it is honoured only for
+    a sealer this configuration trusts.
     """
-    arc = evaluation.arc
-    dmarc = evaluation.dmarc
-    author = dmarc.author_domain
-    if arc.result is not ARCResultCode.PASS or not trusted or author is None:
+    sealer = evaluation.arc_vouch
+    if sealer is None or _norm(sealer) not in {_norm(t) for t in trusted}:
         return None
-    organizational = dmarc.organizational_domain or author
-    record = dmarc.record
-    adkim = record.adkim if record else AlignmentMode.RELAXED
-    aspf = record.aspf if record else AlignmentMode.RELAXED
-    sealers = {_norm(t) for t in trusted}
-    for hop in reversed(arc.hops):  # the newest first
-        if _norm(hop.sealer_domain) not in sealers:
-            continue
-        try:
-            results = parse(hop.authentication_results).results
-        except AuthResSyntaxError:
-            continue
-        for res in results:
-            if res.result != "pass":
-                continue
-            if res.method == "dmarc" and _norm(res.get("header.from")) == author:
-                return hop.sealer_domain
-            if res.method == "dkim" and _aligned(
-                res.get("header.d"), author, organizational, adkim
-            ):
-                return hop.sealer_domain
-            if res.method == "spf":
-                mailfrom = (res.get("smtp.mailfrom") or "").rpartition("@")[2]
-                if _aligned(mailfrom, author, organizational, aspf):
-                    return hop.sealer_domain
-    return None
-
-
-def _aligned(identifier: str | None, author: str, organizational: str, mode: AlignmentMode) -> bool:
-    name = _norm(identifier)
-    if not name:
-        return False
-    if name == author:
-        return True
-    if mode is AlignmentMode.STRICT:
-        return False
-    return name == organizational or name.endswith("." + organizational)
+    return sealer
 
 
 def _local(comment: str) -> PolicyOverride:

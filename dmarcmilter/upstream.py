@@ -1,21 +1,47 @@
 """Results recorded upstream, by a host we trust (RFC 8601 §5, §7.1).
 
 An internal relay that already checked SPF and DKIM records its results in an
-Authentication-Results field under its own authserv-id.  When that id is
-configured as trusted, the milter uses those results instead of checking
-again (the relay saw the real client; this host only sees the relay).
-Anything else claiming to be a result is ignored: RFC 8601 §7.1 warns that
-any sender can write such a field, which is why the trusted relay must remove
-fields carrying its own id (as this milter does for ours).
+Authentication-Results field under its own authserv-id.  The milter uses
+those results instead of checking again (the relay saw the real client; this
+host only sees the relay) only when all of these hold:
+
+* the field's authserv-id is configured as trusted
+  (``headers.trusted_authserv_ids``), compared strictly: exact ASCII,
+  case-insensitive (:func:`~dmarcmilter.authres.parse.trusted_id_key`);
+* the SMTP client that handed us the message is in
+  ``headers.trusted_upstream_networks``.  RFC 8601 §7.1 warns that any
+  sender can write such a field; the id alone is a string anyone can type.
+  Only a connection from the relay itself proves the field came through it
+  (and the relay, per RFC 8601 §5, removed forgeries of its id);
+* the id is not one of ours (configured, owned, the MTA's ``j`` name, the
+  host name), checked per message: a field claiming our id is a forgery and
+  is removed, never trusted, whatever the configuration says;
+* for SPF, the ``smtp.mailfrom`` it records is the envelope MAIL FROM we
+  received: a relay passes the reverse-path on unchanged, so a different
+  one means the result is about another transaction, and SPF is checked
+  here instead.
+
+Anything else claiming to be a result is ignored.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Set
+from dataclasses import dataclass
 
-from .authres.parse import AuthResSyntaxError, ResInfo, authserv_id_of, parse
-from .domains import ascii_casefold
-from .evaluation import UpstreamResults
+from .authres.parse import (
+    AuthResSyntaxError,
+    ResInfo,
+    authserv_id_key,
+    authserv_id_of,
+    claims_authserv_id,
+    parse,
+    same_domain,
+    trusted_id_key,
+)
+from .config import HeadersConfig
+from .evaluation import Envelope, UpstreamResults
 from .results import (
     DKIMOutcome,
     DKIMResultCode,
@@ -33,24 +59,67 @@ AUTHENTICATION_RESULTS = "authentication-results"
 _ALIASES = {"tempfail": "temperror", "hardfail": "fail", "permfail": "permerror"}
 
 
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def norm_id(authserv_id: str) -> str:
-    """An authserv-id for comparison: case-insensitive in ASCII only."""
-    return ascii_casefold(authserv_id)
+    """The key under which an authserv-id is compared with ours, to find
+    fields to remove: broad, every spelling a consumer may read as the same
+    id (:func:`~dmarcmilter.authres.parse.authserv_id_key`)."""
+    return authserv_id_key(authserv_id)
+
+
+def own_ids(*names: str | None) -> frozenset[str]:
+    """The :func:`norm_id` keys of our authserv-ids, empty names left out."""
+    return frozenset(key for key in (norm_id(n) for n in names if n) if key)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTrust:
+    """Who may hand us results to use: the trusted authserv-ids (strict
+    keys) and the client networks they must arrive from."""
+
+    ids: frozenset[str] = frozenset()
+    networks: tuple[_Network, ...] = ()
+
+    @classmethod
+    def from_config(cls, headers: HeadersConfig) -> UpstreamTrust:
+        ids = (trusted_id_key(i) for i in headers.trusted_authserv_ids)
+        return cls(
+            frozenset(i for i in ids if i),
+            tuple(ipaddress.ip_network(n, strict=False) for n in headers.trusted_upstream_networks),
+        )
+
+    def client_trusted(self, client_ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client_ip.partition("%")[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
 
 
 def upstream_results(
-    headers: Iterable[tuple[str, str]], trusted: Set[str], null_reverse_path: bool
+    headers: Iterable[tuple[str, str]],
+    trust: UpstreamTrust,
+    envelope: Envelope,
+    owned: Set[str],
 ) -> UpstreamResults | None:
-    """The results of the topmost Authentication-Results field whose
-    authserv-id is in ``trusted`` (normalised with :func:`norm_id`); None
-    when there is none or it records neither SPF nor DKIM."""
-    if not trusted:
+    """The results of the topmost Authentication-Results field that
+    ``trust`` lets us use for this ``envelope`` (see the module docstring);
+    None when there is none or it records neither SPF nor DKIM.  ``owned``
+    holds the :func:`norm_id` keys of our own ids for this message."""
+    if not trust.ids or not trust.client_trusted(envelope.client_ip):
         return None
+    null_reverse_path = envelope.mail_from == ""
     for name, value in headers:
         if name.lower() != AUTHENTICATION_RESULTS:
             continue
         authserv_id = authserv_id_of(value)
-        if authserv_id is None or norm_id(authserv_id) not in trusted:
+        if authserv_id is None or trusted_id_key(authserv_id) not in trust.ids:
+            continue
+        if claims_authserv_id(authserv_id, owned):
+            # Ours as well as trusted (say, the MTA's j name is listed): a
+            # forgery of our results, removed by the act step.
             continue
         try:
             parsed = parse(value)
@@ -58,7 +127,7 @@ def upstream_results(
             continue
         if parsed.version not in (None, 1):
             continue  # RFC 8601 defines version 1 only; a later one may mean otherwise
-        spf = _spf(parsed.results, null_reverse_path)
+        spf = _spf(parsed.results, envelope.mail_from, null_reverse_path)
         dkim = _dkim(parsed.results)
         if spf is None and dkim is None:
             continue
@@ -70,7 +139,9 @@ def _result(res: ResInfo) -> str:
     return _ALIASES.get(res.result, res.result)
 
 
-def _spf(results: Iterable[ResInfo], null_reverse_path: bool) -> SPFOutcome | None:
+def _spf(
+    results: Iterable[ResInfo], envelope_from: str, null_reverse_path: bool
+) -> SPFOutcome | None:
     mfrom: SPFResult | None = None
     helo: SPFResult | None = None
     for res in results:
@@ -83,6 +154,10 @@ def _spf(results: Iterable[ResInfo], null_reverse_path: bool) -> SPFOutcome | No
         mailfrom = res.get("smtp.mailfrom")
         helo_name = res.get("smtp.helo")
         if mailfrom and mfrom is None:
+            if not same_reverse_path(mailfrom, envelope_from):
+                # About another transaction's MAIL FROM: none of this
+                # field's SPF results describe ours.
+                return None
             domain = mailfrom.rpartition("@")[2].rstrip(".").lower()
             mfrom = SPFResult(code, domain, SPFScope.MFROM, res.reason or "", mailfrom)
         elif helo_name and helo is None:
@@ -122,3 +197,23 @@ def _dkim(results: Iterable[ResInfo]) -> DKIMOutcome | None:
             )
         )
     return DKIMOutcome(tuple(signatures)) if seen else None
+
+
+def same_reverse_path(recorded: str, envelope_from: str) -> bool:
+    """Whether an A-R ``smtp.mailfrom`` names the envelope MAIL FROM.
+
+    RFC 8601 §2.7.2 lets it be the whole address or only its domain.  The
+    domain is compared as a domain name; a local-part, when recorded, exactly
+    (RFC 5321 §2.4: it is case-sensitive).  The null reverse-path matches no
+    recorded address (its SPF identity is the HELO name, RFC 7208 §2.4).
+    """
+    recorded = recorded.strip()
+    if recorded.startswith("<") and recorded.endswith(">"):
+        recorded = recorded[1:-1]
+    if not envelope_from or not recorded:
+        return False
+    local, at, domain = recorded.rpartition("@")
+    env_local, _, env_domain = envelope_from.rpartition("@")
+    if at and local != env_local:
+        return False
+    return same_domain(domain, env_domain)

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from dmarcmilter.arc import verify_arc
+from dmarcmilter.arc import hop_results, trusted_hops, verify_arc
 from dmarcmilter.resolver import Resolver
 from dmarcmilter.results import ARCHop, ARCOutcome, ARCResultCode
+from dmarcmilter.taglist import domain_or_empty, header_text, loose_tags, unfold
 from tests.dnsserver import TestDNSServer
 from tests.signing import arc_seal, dkim_key_record, dkim_sign, dkim_zone, make_message
 
@@ -323,3 +324,50 @@ def test_ams_without_space_before_instance_fails_safely(
     assert outcome.result is FAIL
     assert outcome.reason == "malformed ARC set (IndexError)"
     assert outcome.hops[0].ams_domain == "forwarder.example"
+
+
+# -- which hops may vouch (RFC 8617 §7.2, local policy) ----------------------------------
+
+
+def _hop(instance: int, sealer: str, results: str = "dmarc=pass header.from=example.com") -> ARCHop:
+    return ARCHop(instance, sealer, "arc", "pass", sealer, f"{sealer}; {results}")
+
+
+def test_trusted_hops_stop_at_the_first_untrusted_one() -> None:
+    hops = (_hop(1, "a.example"), _hop(2, "b.example"), _hop(3, "c.example"))
+    chain = ARCOutcome(ARCResultCode.PASS, "", hops)
+    newest = [h.instance for h in trusted_hops(chain, ("C.Example.", "b.example"))]
+    assert newest == [3, 2]
+    # The newest hop is not trusted: no older hop counts, trusted or not.
+    assert trusted_hops(chain, ("a.example", "b.example")) == ()
+    assert [h.instance for h in trusted_hops(chain, ("a.example", "b.example", "c.example"))] == [
+        3,
+        2,
+        1,
+    ]
+    # Only a validated chain; a look-alike sealer name is another name.
+    assert trusted_hops(ARCOutcome(ARCResultCode.FAIL, "", hops), ("c.example",)) == ()
+    assert trusted_hops(chain, ("\u0441.example",)) == ()
+    assert trusted_hops(chain, ()) == ()
+    nameless = ARCOutcome(ARCResultCode.PASS, "", (_hop(1, ""),))
+    assert trusted_hops(nameless, ("",)) == ()
+
+
+def test_hop_results_read_the_aar() -> None:
+    (res,) = hop_results(_hop(1, "a.example", "dkim=pass header.d=Example.COM"))
+    assert (res.method, res.result, res.get("header.d")) == ("dkim", "pass", "Example.COM")
+    assert hop_results(_hop(1, "a.example", "dkim=pass (unterminated")) == ()
+
+
+def test_tag_lists_are_read_leniently() -> None:
+    assert loose_tags(b" d = Example.COM ; s=sel;; junk; d=second; =x; b=\r\n\tAb Cd") == {
+        b"d": b"Example.COM",
+        b"s": b"sel",
+        b"b": b"Ab Cd",
+    }
+    assert unfold(b"i=1;\r\n\tmx.example;  spf=pass\r\n dkim=none ") == (
+        b"i=1; mx.example; spf=pass dkim=none"
+    )
+    assert domain_or_empty(b" Example.COM. ") == "example.com"
+    assert domain_or_empty(b"not a domain") == ""
+    assert header_text(b"\xff caf\xc3\xa9 ") == "\ufffd caf\u00e9"

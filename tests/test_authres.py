@@ -13,16 +13,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmarcmilter.authres.parse import (
+    MAX_AUTHSERV_ID_CHARS,
     MAX_RESULTS,
     MAX_VALUE_OCTETS,
     AuthResSyntaxError,
     AuthResults,
     ResInfo,
+    authserv_id_key,
     authserv_id_of,
+    claims_authserv_id,
     domain_part,
     parse,
     same_authserv_id,
     same_domain,
+    trusted_id_key,
 )
 from dmarcmilter.authres.render import quote_value, render
 from dmarcmilter.dmarc import DMARCOutcome, DMARCResultCode, SPFVerdict
@@ -834,6 +838,82 @@ def test_authserv_id_of(value: str, expected: str | None) -> None:
 def test_same_authserv_id(a: str, b: str, same: bool) -> None:
     assert same_authserv_id(a, b) is same
     assert same_authserv_id(b, a) is same
+
+
+OURS = frozenset({authserv_id_key("mx.kiosk.example"), authserv_id_key("xn--bcher-kva.example")})
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "mx.kiosk.example",
+        "MX.Kiosk.Example.",
+        "mx.kiosk.example..",
+        " mx.kiosk.example ",
+        "mx.\u212aiosk.example",  # KELVIN SIGN: Unicode lower-casing gives "k"
+        "mx\uff0ekiosk\uff0eexample",  # FULLWIDTH FULL STOP
+        "mx\u3002kiosk\uff61example",  # ideographic and halfwidth ideographic full stops
+        "\uff4d\uff58.kiosk.example",  # fullwidth letters
+        "\uff2d\uff38.KIOSK.example",  # fullwidth capitals
+        "mx.ki\u00adosk.example",  # SOFT HYPHEN, mapped to nothing by IDNA
+        "mx.ki\u200cosk.example",  # ZERO WIDTH NON-JOINER
+        "mx.ki\u200dosk.example",  # ZERO WIDTH JOINER
+        "mx.kiosk\u2060.example",  # WORD JOINER
+        "\ufeffmx.kiosk.example",  # BYTE ORDER MARK
+        "mx.kio\ufe0fsk.example",  # VARIATION SELECTOR-16
+        "mx.kiosk.example\uff0e",  # a fullwidth trailing dot
+        "xn--bcher-kva.example",
+        "XN--BCHER-KVA.EXAMPLE.",
+        "b\u00fccher.example",  # the U-label of the A-label we own
+        "B\u00dcCHER.example",
+        "bu\u0308cher.example",  # decomposed: NFKC composes it
+        "\uff58\uff4e--bcher-kva.example",  # a fullwidth "xn"
+        "x" * (MAX_AUTHSERV_ID_CHARS + 1),  # too long to examine: counts as ours
+        "mx.kiosk.example" + "\u00ad" * MAX_AUTHSERV_ID_CHARS,
+        "mx.kiosk.example" + "\u200b" * 200,  # padding within the bound is folded away
+    ],
+)
+def test_every_spelling_a_reader_may_take_for_our_id_claims_it(written: str) -> None:
+    assert claims_authserv_id(written, OURS)
+    # Broad for stripping, strict for trusting: only ASCII may be trusted.
+    if not written.isascii():
+        assert trusted_id_key(written) is None
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "",
+        "mx.kiosk.example.org",
+        "mx.kiosk-example",
+        "mx-kiosk.example",
+        "mx.k1osk.example",
+        "xn--bcher-kvb.example",
+        "xn--zzzz-.example",  # punycode that decodes to something else
+        "xn--" + "a" * 100 + ".example",  # too long to be an A-label: not decoded
+        "mx.кiosk.example",  # CYRILLIC KA: a homoglyph, not a mapping
+    ],
+)
+def test_other_ids_do_not_claim_ours(written: str) -> None:
+    assert not claims_authserv_id(written, OURS)
+
+
+@pytest.mark.parametrize(
+    ("written", "key"),
+    [
+        ("Relay.Example", "relay.example"),
+        ("relay.example.", "relay.example"),
+        ("relay.e\u212aample", None),
+        ("relay\uff0eexample", None),
+        ("rel\u00aday.example", None),
+        ("relay example", None),
+        ("", None),
+        (".", None),
+        ("r" * (MAX_AUTHSERV_ID_CHARS + 1), None),
+    ],
+)
+def test_trusted_id_key_is_exact_ascii(written: str, key: str | None) -> None:
+    assert trusted_id_key(written) == key
 
 
 @pytest.mark.parametrize(

@@ -110,8 +110,18 @@ def test_values_are_read(tmp_path: Path) -> None:
             "report.smtp_password_file: set smtp_password or smtp_password_file, not both",
         ),
         (
-            'authserv_id = "mx.example"\n[headers]\ntrusted_authserv_ids = ["MX.example"]\n',
-            "headers.trusted_authserv_ids: 'mx.example' is also an authserv-id of ours",
+            'authserv_id = "mx.example"\n[headers]\ntrusted_authserv_ids = ["MX.example."]\n'
+            'trusted_upstream_networks = ["10.0.0.0/8"]\n',
+            "headers.trusted_authserv_ids: 'MX.example.' is also an authserv-id of ours",
+        ),
+        (
+            '[headers]\ntrusted_authserv_ids = ["relay.example"]\n',
+            "headers.trusted_upstream_networks: required when headers.trusted_authserv_ids",
+        ),
+        (
+            '[headers]\ntrusted_authserv_ids = ["relay.example"]\n'
+            'trusted_upstream_networks = ["10.0.0.300/8"]\n',
+            "headers.trusted_upstream_networks: ",
         ),
     ],
 )

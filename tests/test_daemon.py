@@ -249,13 +249,24 @@ def test_trusted_clients_are_not_evaluated(
 
 
 def test_trusted_upstream_results_are_used(start: Start) -> None:
-    daemon = start({"headers": {"trusted_authserv_ids": ["relay.internal.example"]}})
+    daemon = start(
+        {
+            "headers": {
+                "trusted_authserv_ids": ["relay.internal.example"],
+                "trusted_upstream_networks": ["203.0.113.0/24"],
+            }
+        }
+    )
     # Our own SPF check of this client fails; the relay saw the real sender.
     upstream = (
         "Authentication-Results",
         "relay.internal.example; spf=pass smtp.mailfrom=news@example.com; dkim=none",
     )
-    eom = one(daemon, make_message(from_="ceo@example.com", extra_headers=[upstream]))
+    eom = one(
+        daemon,
+        make_message(from_="ceo@example.com", extra_headers=[upstream]),
+        sender="news@example.com",
+    )
     value = ar_value(eom)
     assert "spf=pass smtp.mailfrom=example.com" in value
     assert "dmarc=pass" in value

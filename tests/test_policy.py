@@ -17,7 +17,7 @@ from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.message import Message
 from dmarcmilter.policy import Action, Decision, Disposition, QuarantineMethod, decide
 from dmarcmilter.resolver import Resolver
-from dmarcmilter.upstream import norm_id
+from dmarcmilter.upstream import norm_id, own_ids
 from tests.dnsserver import TestDNSServer
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
@@ -36,6 +36,11 @@ ZONE: dict[str, Any] = {
     "_dmarc.slow.example": "TIMEOUT",
     **dkim_zone("example.com", "s1"),
     **dkim_zone("lists.example.net", "arc"),
+    **dkim_zone("reseal.example", "arc"),
+    **dkim_zone("edge.example", "arc"),
+    # E6: psd=n makes team.example.com its own Organizational Domain, though
+    # the name ends in ".example.com".
+    "_dmarc.team.example.com": [("TXT", "v=DMARC1; p=none; psd=n")],
 }
 GOOD = ("192.0.2.1", "mx.example.com", "bounce@bounce.example.com")
 BAD = ("203.0.113.66", "evil.example", "x@elsewhere.example")
@@ -47,9 +52,12 @@ Evaluator = Callable[..., Evaluation]
 def run(dns_server: TestDNSServer, resolver: Resolver) -> Evaluator:
     dns_server.set_zone(ZONE)
 
-    def evaluate_message(message: bytes, envelope: tuple[str, str, str] = BAD) -> Evaluation:
+    def evaluate_message(
+        message: bytes, envelope: tuple[str, str, str] = BAD, sealers: tuple[str, ...] = ()
+    ) -> Evaluation:
         config = Config(
-            dns=DNSConfig(nameservers=("127.0.0.1",), port=dns_server.port, timeout=0.3)
+            dns=DNSConfig(nameservers=("127.0.0.1",), port=dns_server.port, timeout=0.3),
+            policy=PolicyConfig(trusted_arc_sealers=sealers),
         )
         env = Envelope.create(*envelope, ["user@receiver.example"], "4QID")
         return evaluate(env, Message.from_bytes(message), resolver.session(), config, now=NOW)
@@ -216,9 +224,9 @@ def arc_forwarded(results: str) -> bytes:
     ],
 )
 def test_trusted_arc_sealer(run: Evaluator, results: str, trusted: bool, vouched: bool) -> None:
-    evaluation = run(arc_forwarded(results))
-    assert (evaluation.dmarc.result.value, evaluation.arc.result.value) == ("fail", "pass")
     sealers = ("Lists.Example.Net",) if trusted else ("other.example",)
+    evaluation = run(arc_forwarded(results), sealers=sealers)
+    assert (evaluation.dmarc.result.value, evaluation.arc.result.value) == ("fail", "pass")
     decision = decide(evaluation, PolicyConfig(trusted_arc_sealers=sealers))
     if vouched:
         assert (decision.disposition, decision.action) == (Disposition.NONE, Action.ACCEPT)
@@ -231,10 +239,78 @@ def test_trusted_arc_sealer(run: Evaluator, results: str, trusted: bool, vouched
 def test_a_broken_arc_chain_vouches_for_nothing(run: Evaluator) -> None:
     sealed = arc_forwarded("dmarc=pass header.from=example.com")
     tampered = sealed.replace(b"list footer", b"list f00ter")
-    evaluation = run(tampered)
+    evaluation = run(tampered, sealers=("lists.example.net",))
     assert evaluation.arc.result.value == "fail"
     decision = decide(evaluation, PolicyConfig(trusted_arc_sealers=("lists.example.net",)))
     assert decision.action is Action.QUARANTINE
+
+
+def test_a_vouch_needs_this_configuration_to_trust_the_sealer(run: Evaluator) -> None:
+    evaluation = run(
+        arc_forwarded("dmarc=pass header.from=example.com"), sealers=("lists.example.net",)
+    )
+    assert evaluation.arc_vouch == "lists.example.net"
+    assert decide(evaluation, PolicyConfig()).action is Action.QUARANTINE
+    other = PolicyConfig(trusted_arc_sealers=("other.example",))
+    assert decide(evaluation, other).action is Action.QUARANTINE
+
+
+def resealed(by: str) -> bytes:
+    # After the trusted list, another hop rewrote the body and sealed what
+    # it had made: the chain still validates (each sealer signed what it
+    # received), but the list's old verdict is about another message.
+    sealed = arc_forwarded("dmarc=pass header.from=example.com")
+    rewritten = sealed.replace(b"list footer", b"pay to account 666")
+    return arc_seal(rewritten, by, "arc", authserv_id=by, results="arc=pass; dmarc=fail")
+
+
+@pytest.mark.parametrize(
+    ("sealers", "vouch"),
+    [
+        # A later untrusted hop: the trusted sealer's old pass counts for nothing.
+        (("lists.example.net",), None),
+        # Every later hop trusted too: the older trusted pass may vouch.
+        (("lists.example.net", "reseal.example"), "lists.example.net"),
+        # Only the newest hop trusted: it saw no pass, and nothing older counts.
+        (("reseal.example",), None),
+    ],
+)
+def test_a_trusted_sealer_vouches_only_if_no_untrusted_hop_came_after(
+    run: Evaluator, sealers: tuple[str, ...], vouch: str | None
+) -> None:
+    evaluation = run(resealed("reseal.example"), sealers=sealers)
+    assert (evaluation.dmarc.result.value, evaluation.arc.result.value) == ("fail", "pass")
+    assert [h.sealer_domain for h in evaluation.arc.hops] == ["lists.example.net", "reseal.example"]
+    assert evaluation.arc_vouch == vouch
+    decision = decide(evaluation, PolicyConfig(trusted_arc_sealers=sealers))
+    assert decision.action is (Action.ACCEPT if vouch else Action.QUARANTINE)
+
+
+@pytest.mark.parametrize(
+    ("results", "vouched"),
+    [
+        # psd=n: team.example.com is its own Organizational Domain, so its
+        # DKIM or SPF pass is not aligned with example.com, though a string
+        # suffix test says it is.
+        ("dkim=pass header.d=team.example.com", False),
+        ("spf=pass smtp.mailfrom=bounce@team.example.com", False),
+        ("dkim=pass header.d=x.team.example.com", False),
+        # Without a psd=n record on the way, the walk agrees with relaxed alignment.
+        ("dkim=pass header.d=mail.example.com", True),
+        ("spf=pass smtp.mailfrom=example.com", True),
+        # Neither a look-alike suffix nor a string that is not a domain.
+        ("dkim=pass header.d=evilexample.com", False),
+        ("dkim=pass header.d=example.com.evil.example", False),
+        ("dkim=pass header.d=..example.com", False),
+        ("dmarc=pass header.from=team.example.com", False),
+        ("dmarc=pass header.from=EXAMPLE.com.", True),
+        ("dkim=fail header.d=example.com; dmarc=fail header.from=example.com", False),
+    ],
+)
+def test_sealer_alignment_is_dmarc_alignment(run: Evaluator, results: str, vouched: bool) -> None:
+    evaluation = run(arc_forwarded(results), sealers=("lists.example.net",))
+    assert evaluation.dmarc.result.value == "fail"
+    assert (evaluation.arc_vouch == "lists.example.net") is vouched
 
 
 # -- the act step's plan -----------------------------------------------------------
@@ -260,6 +336,20 @@ def test_forged_authentication_results_are_found_by_index() -> None:
         ("Authentication-Results", 3),
     )
     assert plan_unevaluated(headers, OWNED).remove == forged_fields(headers, OWNED)
+
+
+def test_forged_fields_in_every_spelling_are_found() -> None:
+    headers = [
+        ("Authentication-Results", "mx.receiver.e\u0445ample; dmarc=pass"),  # Cyrillic: kept
+        ("Authentication-Results", "\uff4dx.receiver.example; dmarc=pass"),
+        ("Authentication-Results", '"MX2\uff0eRECEIVER\uff0eEXAMPLE\u3002"; dmarc=pass'),
+        ("Authentication-Results", "mx.rece\u00adiver.example; dmarc=pass"),
+        ("Authentication-Results", "x" * 2000 + "; dmarc=pass"),
+    ]
+    owned = own_ids("mx.receiver.example", "mx2.receiver.example")
+    assert forged_fields(headers, owned) == tuple(
+        ("Authentication-Results", n) for n in (2, 3, 4, 5)
+    )
 
 
 def test_plan_for_a_quarantined_message(run: Evaluator) -> None:

@@ -46,18 +46,23 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
+from collections.abc import Set
 from dataclasses import dataclass
 
 from ..domains import DomainError, normalize_domain
 from ..errors import InputError
 
 __all__ = [
+    "MAX_AUTHSERV_ID_CHARS",
     "MAX_RESULTS",
     "MAX_VALUE_OCTETS",
     "AuthResSyntaxError",
     "AuthResults",
     "ResInfo",
+    "authserv_id_key",
     "authserv_id_of",
+    "claims_authserv_id",
     "domain_part",
     "parse",
     "same_authserv_id",
@@ -68,6 +73,11 @@ __all__ = [
 # can cause.
 MAX_VALUE_OCTETS = 64 * 1024
 MAX_RESULTS = 256
+# An authserv-id longer than this is never compared: when stripping, it
+# counts as claiming one of ours (see claims_authserv_id); it is never
+# trusted.  Ours are host names, and no domain name is longer (RFC 1035
+# §3.1: 255 octets).  It also bounds the normalisation work per field.
+MAX_AUTHSERV_ID_CHARS = 255
 # More digits than any version will have; also keeps int() far from
 # Python's limit on converting long digit strings.
 _MAX_VERSION_DIGITS = 9
@@ -203,16 +213,122 @@ def authserv_id_of(value: str) -> str | None:
 
 
 def same_authserv_id(a: str, b: str) -> bool:
-    """Whether two authserv-ids are the same: case-insensitive, trailing dots
-    ignored.  An empty id is nobody's.
+    """Whether two authserv-ids are the same, strictly: case-insensitive in
+    ASCII only, trailing dots ignored.  An empty id is nobody's.
 
-    Only ASCII letters are case-folded: full Unicode folding would make
-    e.g. the Kelvin sign match "k", letting a field a relay did not
-    recognise as its own pass here as the relay's.
+    This is the comparison for *trusting* an id.  Full Unicode folding would
+    make e.g. the Kelvin sign match "k", letting a field a relay did not
+    recognise as its own pass here as the relay's.  Deciding whether a field
+    claims *our* id is the opposite question: see :func:`claims_authserv_id`.
     """
     key_a = a.strip(" \t").rstrip(".").translate(_ASCII_LOWER)
     key_b = b.strip(" \t").rstrip(".").translate(_ASCII_LOWER)
     return bool(key_a) and key_a == key_b
+
+
+def authserv_id_key(authserv_id: str) -> str:
+    """``authserv_id`` reduced to what a consumer reading it could take it
+    for, so that every spelling that may be read as one of our ids has the
+    same key as that id.  For stripping (RFC 8601 §5), where matching too
+    much costs a foreign field and matching too little lets a forgery of our
+    verdict through; never for trusting.
+
+    The reductions are those of the consumers that matter: Unicode case
+    folding and NFKC (the Kelvin sign is "k", fullwidth letters and digits
+    are ASCII), the IDNA (UTS #46) mapping (label separators U+3002, U+FF0E,
+    U+FF61 are dots; soft hyphen, zero-width joiners and other format
+    characters and variation selectors are removed), A-labels decoded to
+    U-labels ("xn--" is the same name as its Unicode form), surrounding
+    white space and trailing dots dropped.  Call it on ids no longer than
+    :data:`MAX_AUTHSERV_ID_CHARS` (see :func:`claims_authserv_id`).
+    """
+    return _decode_a_labels(_folded_key(authserv_id))
+
+
+def claims_authserv_id(authserv_id: str, own_keys: Set[str]) -> bool:
+    """Whether a field with ``authserv_id`` claims one of ours: its
+    :func:`authserv_id_key` is in ``own_keys`` (keys made by that same
+    function).  An id over :data:`MAX_AUTHSERV_ID_CHARS` is not examined and
+    counts as ours: padding (say, with soft hyphens a consumer ignores) must
+    not carry a forgery past the comparison; an honest id is never that long.
+
+    A-labels in ``authserv_id`` are decoded only when one of our keys has a
+    U-label: a valid A-label never decodes to plain ASCII (RFC 5891 §5.4),
+    so without one the decoding could not make a match, and an attacker's
+    "xn--" labels cost nothing.
+    """
+    if len(authserv_id) > MAX_AUTHSERV_ID_CHARS:
+        return True
+    key = _folded_key(authserv_id)
+    if not key:
+        return False
+    if key in own_keys:
+        return True
+    if "xn--" in key and not all(own.isascii() for own in own_keys):
+        return _decode_a_labels(key) in own_keys
+    return False
+
+
+def _folded_key(authserv_id: str) -> str:
+    return _fold(authserv_id).strip().rstrip(".").strip()
+
+
+def _decode_a_labels(key: str) -> str:
+    if "xn--" not in key:
+        return key
+    return ".".join(_fold(_from_a_label(label)) for label in key.split("."))
+
+
+def trusted_id_key(authserv_id: str) -> str | None:
+    """The key under which an authserv-id may be *trusted*: exact ASCII,
+    case-insensitive and without a trailing dot, as DNS names compare (RFC
+    4343), nothing else mapped (as :func:`same_authserv_id`).  None for an
+    id that cannot be a trusted one: empty, over
+    :data:`MAX_AUTHSERV_ID_CHARS`, or holding anything but printable ASCII."""
+    if not authserv_id or len(authserv_id) > MAX_AUTHSERV_ID_CHARS:
+        return None
+    if not all("!" <= char <= "~" for char in authserv_id):
+        return None
+    return authserv_id.rstrip(".").translate(_ASCII_LOWER) or None
+
+
+# UTS #46 maps these to the label separator "." (after NFKC, U+FF0E is "."
+# and U+FF61 is U+3002).
+_IDEOGRAPHIC_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+# A-labels are at most 63 octets (RFC 5890 §2.3.2.1); decoding is only tried
+# on labels this short, so a hostile label costs nothing.
+_MAX_A_LABEL = 63
+
+
+def _fold(text: str) -> str:
+    """NFKC case fold, then the characters IDNA maps to nothing removed."""
+    text = unicodedata.normalize("NFKC", text.translate(_IDEOGRAPHIC_DOTS))
+    text = unicodedata.normalize("NFKC", text.casefold()).translate(_IDEOGRAPHIC_DOTS)
+    if not text.isascii():
+        text = "".join(char for char in text if not _ignored(char))
+    return text
+
+
+def _ignored(char: str) -> bool:
+    # Format characters (soft hyphen, ZWJ, ZWNJ, word joiner, BOM, bidi
+    # marks), variation selectors, the combining grapheme joiner and the
+    # Mongolian free variation selectors: UTS #46 maps (or IDNA ignores)
+    # these, and a reader does not see them.
+    return (
+        unicodedata.category(char) == "Cf"
+        or "\ufe00" <= char <= "\ufe0f"
+        or "\U000e0100" <= char <= "\U000e01ef"
+        or char in "\u034f\u180b\u180c\u180d\u180f"
+    )
+
+
+def _from_a_label(label: str) -> str:
+    if not label.startswith("xn--") or len(label) > _MAX_A_LABEL:
+        return label
+    try:
+        return label[4:].encode("ascii").decode("punycode")
+    except (UnicodeError, ValueError):
+        return label
 
 
 def domain_part(pvalue: str) -> str:
