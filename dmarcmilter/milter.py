@@ -368,6 +368,10 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
     def _strip_forged(self, txn: _Transaction) -> int:
         owned = self.runtime.owned_ids | {norm_id(self._authserv_id())}
         remove = forged_fields(self._text_headers(txn), owned)
+        if remove and not self._actions & Milter.CHGHDRS:
+            # They cannot be removed, so the message must not go through
+            # as if they had been (an internal error: tempfail by default).
+            raise RuntimeError("forged fields present, and the MTA does not allow removing them")
         # Highest index first, so each deletion leaves the numbering of the
         # ones still to come alone.
         for name, index in sorted(remove, key=lambda item: -item[1]):
@@ -488,7 +492,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                     removed,
                     (time.perf_counter() - started) * 1000,
                     upstream=upstream.authserv_id if upstream else None,
-                    aborted=failed,
+                    aborted=failed > 0,
                     body_cut=txn.body_cut,
                     headers_cut=txn.headers_cut,
                     own_report=own_report,
@@ -523,10 +527,16 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         lead = " " if self._leading_space() else ""
         failed = 0
         writes: list[tuple[str, Callable[[], object]]] = []
-        for name, value in reversed(actions.prepend):
-            writes.append((name, functools.partial(self._insert_top, name, lead + value)))
-        for name, value in actions.append:
-            writes.append((name, functools.partial(self.addheader, name, lead + value)))
+        if actions.prepend or actions.append:
+            if self._actions & Milter.ADDHDRS:
+                for name, value in reversed(actions.prepend):
+                    writes.append((name, functools.partial(self._insert_top, name, lead + value)))
+                for name, value in actions.append:
+                    writes.append((name, functools.partial(self.addheader, name, lead + value)))
+            else:
+                # The MTA did not allow it: not a failed write (the
+                # transaction goes on), but the verdict still stands.
+                log.warning("the MTA does not allow adding header fields")
         if actions.hold_reason is not None:
             reason = actions.hold_reason
             writes.append(("quarantine", lambda: self.quarantine(reason)))

@@ -39,15 +39,18 @@ MAX_REASON_CHARS = 200
 # The longest Authentication-Results value render() can produce: quoting
 # at most doubles a value (every character escaped) and adds two quotes.
 _QUOTED_VALUE = 2 * MAX_VALUE_CHARS + 2
-_QUOTED_REASON = len("reason=") + 2 * MAX_REASON_CHARS + 2
-_FOLD = 2
-_RESINFO = 40 + _QUOTED_REASON + 4 * (len(" header.x=") + _QUOTED_VALUE) + _FOLD
+_REASON = len(" reason=") + 2 * MAX_REASON_CHARS + 2
+_PROPERTY = len(" smtp.mailfrom=") + _QUOTED_VALUE
+_METHOD = len(";\n\tdkim=temperror")
 MAX_RENDERED_CHARS = (
     _QUOTED_VALUE  # authserv-id
-    + 2 * _RESINFO  # spf (mfrom, helo)
-    + MAX_LISTED_SIGNATURES * _RESINFO
+    + 2 * (_METHOD + _REASON + _PROPERTY)  # spf: mfrom, helo
+    + MAX_LISTED_SIGNATURES * (_METHOD + _REASON + 4 * _PROPERTY)  # dkim: d, s, a, b
     + len(" (99999999 more signatures not listed)")
-    + 2 * _RESINFO  # arc, dmarc
+    + _METHOD  # arc
+    + _METHOD
+    + _REASON
+    + 2 * _PROPERTY  # dmarc: policy, header.from
 )
 # libmilter's limit on one packet (MILTER_MAX_DATA_SIZE), which must hold
 # the field name and value.
