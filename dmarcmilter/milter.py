@@ -430,21 +430,30 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         if self.client_ip is None and not self.connected:
             self.client_ip = self._client_address()
         context = LocalContext(self.client_ip, txn.authenticated, not txn.headers_cut)
-        if self.client_ip is None and not self.connected:
-            # An IP connection whose connect callback could not run (a host
-            # name that is not UTF-8) and whose address no macro gives:
-            # it cannot be evaluated, and must not pass as a local one.
-            self._log_line(txn, started, skipped="no_client_address", removed_ar=removed)
-            return self._refuse(config.milter.internal_error_action)
         skip = skip_reason(context, config)
+        if skip == "local" and not self.connected:
+            # An IP connection whose connect callback could not run (a host
+            # name that is not UTF-8) and whose address no macro gives: not
+            # a local submission.
+            skip = "no_client_address"
         envelope = None
         if skip is None:
             try:
                 envelope = Envelope.create(
-                    self.client_ip or "", self.helo_name, txn.mail_from, txn.recipients, queue_id
+                    (self.client_ip or "").partition("%")[0],  # no IPv6 zone
+                    self.helo_name,
+                    txn.mail_from,
+                    txn.recipients,
+                    queue_id,
                 )
             except InputError:
                 skip = "no_client_address"
+        if skip == "no_client_address":
+            # It cannot be evaluated, and must not pass unchecked: the
+            # internal-error action (tempfail by default).
+            action = config.milter.internal_error_action
+            self._log_line(txn, started, skipped=skip, removed_ar=removed, action=action)
+            return self._refuse(action)
         if skip is not None or envelope is None:
             # Not evaluated; forged fields are already gone.  A header
             # that was cut is refused all the same.
@@ -566,6 +575,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
 
 # Signatures named in the log line; the others are counted.
 LOG_SIGNATURES = 20
+# Characters of one value in the log line.
+MAX_LOG_VALUE = 512
 
 
 def message_fields(
@@ -607,6 +618,12 @@ def message_fields(
     for key, value in extra.items():
         if value:
             fields[key] = value
+    # Values from the client and the message (HELO, MAIL FROM, domains)
+    # are cut: one log line per message stays short.  The log formatter
+    # escapes quotes and control characters.
+    for key, value in fields.items():
+        if isinstance(value, str) and len(value) > MAX_LOG_VALUE:
+            fields[key] = value[: MAX_LOG_VALUE - 3] + "..."
     return fields
 
 

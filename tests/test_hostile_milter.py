@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -459,3 +462,23 @@ def test_large_body_costs_about_twice_its_size(start: Start) -> None:
     # The body is gathered in place and copied once into the message.
     print(f"peak grew by {grown / len(body):.2f} x the body in {time.monotonic() - started:.1f} s")
     assert grown < 2.3 * len(body)
+
+
+def test_evaluate_command_shows_the_local_skip_decisions(tmp_path: Path) -> None:
+    path = tmp_path / "m.eml"
+    path.write_bytes(victim())
+
+    def evaluate(*args: str) -> str:
+        base = ["evaluate", str(path), "--helo", "h.example", "--mail-from", "a@b.example"]
+        proc = subprocess.run(
+            [sys.executable, "-m", "dmarcmilter", *base, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "Not evaluated: trusted_network" in evaluate("--client-ip", "127.0.0.1")
+    out = evaluate("--client-ip", ATTACKER_IP, "--auth", "alice", "--json")
+    assert json.loads(out) == {"skipped": "authenticated"}

@@ -165,7 +165,7 @@ def render_received_spf(evaluation: Evaluation, receiver: str) -> str:
     comment = _comment(spf.reason or f"{receiver}: SPF {spf.result.value} for {spf.domain}")
     identity = "helo" if evaluation.spf.null_reverse_path else "mailfrom"
     pairs = [
-        f"client-ip={quote_value(env.client_ip)}",
+        f"client-ip={env.client_ip}",
         f"envelope-from={quote_value(env.mail_from or spf.identity)}",
         f"helo={quote_value(env.helo)}" if env.helo else "",
         f"receiver={quote_value(receiver)}",
