@@ -15,6 +15,8 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -65,6 +67,12 @@ from tests.milterclient import (
     SMFIF_CHGHDRS,
     EndOfMessage,
     MilterClient,
+)
+from tests.postfixserver import (
+    PostfixInstances,
+    PostfixServer,
+    allow_postfix,
+    make_socket_dir,
 )
 from tests.signing import make_message
 
@@ -482,3 +490,59 @@ def test_evaluate_command_shows_the_local_skip_decisions(tmp_path: Path) -> None
     assert "Not evaluated: trusted_network" in evaluate("--client-ip", "127.0.0.1")
     out = evaluate("--client-ip", ATTACKER_IP, "--auth", "alice", "--json")
     assert json.loads(out) == {"skipped": "authenticated"}
+
+
+# -- behind a real Postfix -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pf_milter(dns_server_session: TestDNSServer) -> Iterator[MilterDaemon]:
+    directory = make_socket_dir()
+    daemon = MilterDaemon(directory, dns_server_session.port, {"milter": {"socket_mode": "0666"}})
+    daemon.base["milter"]["socket_mode"] = "0666"
+    daemon.start()
+    allow_postfix(daemon.socket)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pf(postfix_instances: PostfixInstances, pf_milter: MilterDaemon) -> PostfixServer:
+    return postfix_instances.start(
+        milter=f"unix:{pf_milter.socket}", milter_default_action="accept"
+    )
+
+
+def _reconfigure(daemon: MilterDaemon, changes: dict[str, Any]) -> None:
+    reloaded = "configuration reloaded from " + str(daemon.config_path)
+    before = len(daemon.log_lines(reloaded))
+    daemon.write_config(changes)
+    daemon.signal(signal.SIGHUP)
+    assert len(daemon.wait_log(reloaded, before + 1)) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("action", "reply"),
+    [
+        ("reject", (552, "5.3.4 Message header too large to be checked")),
+        ("tempfail", (452, "4.3.4 Message header too large to be checked")),
+    ],
+)
+def test_postfix_refuses_a_cut_header(
+    pf: PostfixServer,
+    pf_milter: MilterDaemon,
+    dns_server: TestDNSServer,
+    action: str,
+    reply: tuple[int, str],
+) -> None:
+    # Postfix's default milter_default_action is "tempfail"; this instance
+    # says "accept", so the refusal is the milter's own verdict.
+    dns_server.set_zone(ZONE)
+    _reconfigure(pf_milter, {"policy": {"oversized_header_action": action}})
+    pf.clear_queue()
+    sent = pf.send("x@attacker.example", "user@receiver.example", cut_header_message())
+    assert (sent.code, sent.text) == reply
+    assert pf.queue() == []
