@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from dmarcmilter.actions import monitor_note
 from dmarcmilter.author import AuthorResult, AuthorStatus
 from dmarcmilter.authres.parse import parse
 from dmarcmilter.authres.render import (
@@ -41,6 +42,8 @@ from dmarcmilter.dmarc import DMARCOutcome, DMARCResultCode, SPFVerdict
 from dmarcmilter.evaluation import Envelope, Evaluation
 from dmarcmilter.policy import (
     Action,
+    Decision,
+    Disposition,
     LocalContext,
     decide,
     incomplete_header,
@@ -227,6 +230,8 @@ def test_rendered_field_has_a_worst_case_under_the_milter_limit() -> None:
     assert len(dkim) == MAX_LISTED_SIGNATURES
     assert "(9992 more signatures not listed)" in value
     assert len(render_received_spf(worst, "mx.receiver.example")) < 2000
+    monitored = Decision(Disposition.NONE, Action.ACCEPT, monitored=Action.REJECT)
+    assert len(monitor_note(worst, monitored)) < 400
     # Few signatures: all listed, no comment.
     few = render(_worst_evaluation(3), "mx.receiver.example")
     assert "not listed" not in few
