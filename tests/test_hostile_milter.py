@@ -259,6 +259,17 @@ def test_cut_header_is_refused_and_forged_field_removed(start: Start) -> None:
     assert line["dmarc"] == "permerror" and line["headers_cut"] == "true"
 
 
+def test_huge_forged_field_within_the_bounds_is_removed(start: Start) -> None:
+    # 60 KB (libmilter takes at most 64 KiB per field): its authserv-id is
+    # found after a long comment and the field goes.
+    forged = f"({'c' * 30_000}) mx.receiver.example; dmarc=pass ({'d' * 30_000})"
+    daemon = start()
+    message = victim(extra_headers=[("Authentication-Results", forged)])
+    eom = one(daemon, message)
+    assert "delete Authentication-Results #1" in outcome_text(eom)
+    check_golden("milter_huge_forged_field", outcome_text(eom))
+
+
 def test_cut_header_tempfail_option(start: Start) -> None:
     daemon = start({"policy": {"oversized_header_action": "tempfail", "monitor": True}})
     eom = one(daemon, cut_header_message())
