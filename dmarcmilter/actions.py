@@ -19,7 +19,7 @@ from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
 from .authres.parse import authserv_id_of, claims_authserv_id
-from .authres.render import render, render_received_spf
+from .authres.render import plain_text, render, render_received_spf
 from .config import Config, parse_header_line
 from .evaluation import Evaluation
 from .policy import Action, Decision, QuarantineMethod, SMTPReply
@@ -86,7 +86,8 @@ def plan(
         append.append(parse_header_line(config.policy.quarantine_header))
     elif decision.quarantine is QuarantineMethod.HOLD:
         policy = dmarc.policy.value if dmarc.policy else "none"
-        hold_reason = f"DMARC {dmarc.result.value} under policy {policy} of {dmarc.author_domain}"
+        domain = plain_text(dmarc.author_domain or "")
+        hold_reason = f"DMARC {dmarc.result.value} under policy {policy} of {domain}"
     if decision.monitored is not None:
         append.append((MONITOR_HEADER, monitor_note(evaluation, decision)))
     return MilterActions(
@@ -109,6 +110,6 @@ def monitor_note(evaluation: Evaluation, decision: Decision) -> str:
             what = reason.comment.removeprefix("monitor mode: ")
     policy = dmarc.policy.value if dmarc.policy else "none"
     return (
-        f"would {what}; dmarc={dmarc.result.value} policy={policy} "
-        f"header.from={dmarc.author_domain or 'unknown'}"
+        f"would {plain_text(what)}; dmarc={dmarc.result.value} policy={policy} "
+        f"header.from={plain_text(dmarc.author_domain or 'unknown')}"
     )

@@ -27,7 +27,7 @@ from .errors import DmarcMilterError, InputError
 from .evaluation import Envelope, evaluate, resolver_from_config
 from .export import evaluation_dict, query_log, record_dict
 from .message import Message
-from .policy import decide
+from .policy import LocalContext, decide, recorded, skip_reason
 from .resolver import DNSSession, Resolver, parse_hostport
 
 EXIT_OK = 0
@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mail-from", required=True, metavar="ADDR", help="use '' or '<>' for null")
     ev.add_argument("--rcpt-to", action="append", default=[], metavar="ADDR")
     ev.add_argument("--authserv-id", metavar="ID", help="authserv-id for Authentication-Results")
+    ev.add_argument(
+        "--auth",
+        metavar="USER",
+        default="",
+        help="the client authenticated with SASL as USER (clients.skip_authenticated)",
+    )
     common(ev)
 
     run = sub.add_parser(
@@ -243,6 +249,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
     message = _read_message(args.file)
     envelope = Envelope.create(args.client_ip, args.helo, args.mail_from, args.rcpt_to)
+    # The same local policy as the milter: some clients are not evaluated.
+    skip = skip_reason(LocalContext(envelope.client_ip, args.auth), config)
+    if skip is not None:
+        if args.json:
+            print(json.dumps({"skipped": skip}, indent=2))
+        else:
+            print(f"Not evaluated: {skip} (forged Authentication-Results are still removed)")
+        return EXIT_OK
     resolver = _resolver(config)
     session: DNSSession = resolver.session()
     evaluation = evaluate(envelope, message, session, config)
@@ -261,6 +275,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"Reason:        {r.reason.value}" + (f" ({r.comment})" if r.comment else ""))
     if decision.reply:
         print(f"SMTP reply:    {decision.reply}")
+    if not recorded(message.headers, config):
+        print("Recorded:      no (our own aggregate report)")
     return EXIT_OK
 
 

@@ -110,6 +110,11 @@ class PolicyConfig:
     # Evaluate, record and add headers, but never reject, hold or mark:
     # a header says what would have happened.
     monitor: bool = False
+    # A header section past the milter's bounds (MAX_HEADER_FIELDS fields or
+    # MAX_HEADER_BYTES bytes) cannot be fully evaluated: "reject" (552 5.3.4)
+    # or "tempfail" (452 4.3.4).  Never delivered on partial data; monitor
+    # mode does not change this.
+    oversized_header_action: str = _opt("reject", choices=("reject", "tempfail"))
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,10 @@ class MilterConfig:
     # Body bytes kept per message for DKIM; a longer body is not kept in
     # memory past this, and its signatures give permerror.
     max_body_bytes: int = _opt(64 * 1024 * 1024, minimum=1024, maximum=1024**3)
+    # What an internal error at end of message does (as Postfix's
+    # milter_default_action): "tempfail" (451 4.3.0), "reject" (550 5.3.0)
+    # or "accept" (delivered with only the forged fields removed).
+    internal_error_action: str = _opt("tempfail", choices=("tempfail", "reject", "accept"))
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,10 @@ def relaxed_body(body: bytes) -> bytes:
     end = len(body)
     while body.endswith(b"\r\n", 0, end):
         end -= 2
+    if end and end + 2 == len(body):
+        # Already ends in exactly one CRLF (the usual case): no copy of a
+        # large body.
+        return body
     return body[:end] + b"\r\n" if end else b""
 
 

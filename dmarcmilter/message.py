@@ -69,7 +69,7 @@ class Message:
 
     @classmethod
     def from_parts(
-        cls, headers: list[tuple[str, str]], body: bytes, *, leading_space: bool = False
+        cls, headers: list[tuple[str, str]], body: bytes | bytearray, *, leading_space: bool = False
     ) -> Message:
         """Build from milter callbacks: header (name, value) pairs and the body.
 
@@ -77,7 +77,8 @@ class Message:
         (the milter protocol's SMFIP_HDR_LEADSPC), so the header section is
         rebuilt byte for byte, as DKIM's simple canonicalisation needs;
         otherwise the MTA dropped one space after the colon and one is put
-        back.
+        back.  The body is copied once, into ``raw`` (a bytearray body, as
+        the milter gathers it, is not copied before that).
         """
         lines = []
         fields = []
@@ -98,7 +99,7 @@ def _split_head_body(data: bytes) -> tuple[bytes, bytes, bytes]:
     return data[: match.start()], b"\n", data[match.end() :]
 
 
-def _to_crlf(data: bytes) -> bytes:
+def _to_crlf(data: bytes | bytearray) -> bytes | bytearray:
     # What an MTA hands a milter is CRLF throughout already: two C-speed
     # counts prove it, where splitting and joining every line of a large
     # body cost more than the rest of the evaluation.

@@ -7,6 +7,24 @@ within bounds; at end-of-message the core runs (:func:`evaluate`, then
 transaction on a connection (MAIL FROM to end-of-message, or RSET) is
 evaluated on its own.
 
+Failure handling (a security filter must fail closed):
+
+* Forged Authentication-Results fields are removed first, in a step of
+  their own, before anything else can fail.
+* An exception anywhere after that is an internal error: the outcome is
+  ``[milter] internal_error_action`` (tempfail by default, as Postfix's
+  milter_default_action), the message line carries ``error_id`` and the
+  traceback is logged under the same id.
+* A header modification that the MTA refuses never cancels the verdict:
+  the quarantine and the reply are still applied.
+* A transaction the MTA aborted is not recorded for reports (the sender's
+  retry would count it twice): one aborted before end-of-message is never
+  evaluated; one whose MTA connection fails while we send the modifications
+  at end-of-message (libmilter reports the write as failed) is logged with
+  ``aborted=true`` and not recorded.  A reject or tempfail sends nothing
+  before the final reply, so an MTA that gave up then cannot be told apart
+  and the message is recorded.
+
 Protocol negotiation (Sendmail milter protocol 6, as Postfix and Sendmail
 8.14+ speak it): the DATA and unknown-command callbacks are not requested,
 and no callback before end-of-message sends a reply (``@noreply``), so the
@@ -18,8 +36,10 @@ adding and changing header fields and quarantine.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -29,26 +49,49 @@ from typing import Any, TypeVar, cast
 
 import Milter
 
-from .actions import MilterActions, plan, plan_unevaluated
+from .actions import MilterActions, forged_fields, plan
 from .config import Config
 from .errors import InputError
 from .evaluation import Envelope, Evaluation, evaluate
 from .history.writer import HistoryWriter
 from .message import Message
-from .policy import Action, Decision, decide
-from .report.guard import is_own_report
+from .policy import (
+    Action,
+    Decision,
+    LocalContext,
+    SMTPReply,
+    decide,
+    incomplete_header,
+    recorded,
+    safe_reply_text,
+    skip_reason,
+)
 from .resolver import Resolver
-from .upstream import UpstreamTrust, own_ids, upstream_results
+from .upstream import AUTHENTICATION_RESULTS, UpstreamTrust, own_ids, upstream_results
 
 log = logging.getLogger("dmarcmilter")
 message_log = logging.getLogger("dmarcmilter.message")
 
 # Bounds on what one transaction may make us keep.  Postfix's own limits
 # (header_size_limit, message_size_limit) are far below these; they guard
-# against an MTA configured without them.
+# against an MTA configured without them.  Past either header bound the
+# header is "cut": later fields are not kept, except From and
+# Authentication-Results fields (see MAX_LATE_FIELDS), and the policy step
+# never lets such a message through (policy.incomplete_header).
 MAX_HEADER_FIELDS = 10_000
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+# From and Authentication-Results fields kept past the cut, each cut to
+# MAX_LATE_VALUE characters: enough for author extraction to see several
+# From fields and for the stripping to find a forged field's authserv-id.
+# Beyond MAX_LATE_FIELDS of them the message is refused all the same.
+MAX_LATE_FIELDS = 10_000
+MAX_LATE_VALUE = 1024
 MAX_RECIPIENTS = 1000
+_LATE_KEPT = frozenset({"from", AUTHENTICATION_RESULTS})
+
+# The replies for an internal error ([milter] internal_error_action).
+INTERNAL_TEMPFAIL = SMTPReply("451", "4.3.0", "Temporary local problem; try again later")
+INTERNAL_REJECT = SMTPReply("550", "5.3.0", "Message could not be checked")
 
 ACTION_FLAGS: int = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
 # pymilter has no type information: its reply codes, typed once here.
@@ -76,7 +119,6 @@ class Runtime:
     host_name: str  # this host's name, looked up once (it may take DNS)
     owned_ids: frozenset[str]
     upstream_trust: UpstreamTrust
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
@@ -96,7 +138,6 @@ class Runtime:
             host_name,
             owned,
             UpstreamTrust.from_config(config.headers),
-            tuple(ipaddress.ip_network(n, strict=False) for n in config.clients.trusted_networks),
         )
 
 
@@ -156,7 +197,9 @@ class _Transaction:
     headers: list[tuple[str, str]]
     header_bytes: int = 0
     headers_cut: bool = False
-    body: list[bytes] | None = None
+    late_fields: int = 0
+    # Grown in place: the body is held once, not as chunks and a join.
+    body: bytearray | None = None
     body_bytes: int = 0
     body_cut: bool = False
 
@@ -169,6 +212,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         self.state = state
         self.runtime = state.runtime
         self.client_ip: str | None = None
+        self._actions = ACTION_FLAGS
         # False when pymilter could not call connect() (it decodes the host
         # name strictly as UTF-8 before calling us): see _client_address.
         self.connected = False
@@ -193,7 +237,6 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         self.connected = True
         if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
             self.client_ip = str(hostaddr[0])
-        self.authserv_id = self.runtime.authserv_id or self.getsymval("j") or self.runtime.host_name
         return CONTINUE
 
     @_noreply
@@ -207,10 +250,10 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         self.txn = _Transaction(
             ticket=self.state.begin(),
             mail_from=mail_from,
-            authenticated=self.getsymval("{auth_authen}") or "",
+            authenticated=self._macro("{auth_authen}"),
             recipients=[],
             headers=[],
-            body=[],
+            body=bytearray(),
         )
         return CONTINUE
 
@@ -224,14 +267,22 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
     @_noreply
     def header(self, name: str, value: str) -> int:
         txn = self.txn
-        if txn is None or txn.headers_cut:
+        if txn is None:
             return CONTINUE
-        size = len(name) + len(value) + 3
-        if len(txn.headers) >= MAX_HEADER_FIELDS or txn.header_bytes + size > MAX_HEADER_BYTES:
+        if not txn.headers_cut:
+            size = len(name) + len(value) + 3
+            if len(txn.headers) < MAX_HEADER_FIELDS and txn.header_bytes + size <= MAX_HEADER_BYTES:
+                txn.headers.append((name, value))
+                txn.header_bytes += size
+                return CONTINUE
             txn.headers_cut = True
-            return CONTINUE
-        txn.headers.append((name, value))
-        txn.header_bytes += size
+        # Past the cut, what the verdict and the stripping need is still
+        # kept: every From (so several are seen) and every
+        # Authentication-Results field (its place among them and its
+        # authserv-id, which comes first in the value).
+        if name.lower() in _LATE_KEPT and txn.late_fields < MAX_LATE_FIELDS:
+            txn.headers.append((name, value[:MAX_LATE_VALUE]))
+            txn.late_fields += 1
         return CONTINUE
 
     @_noreply
@@ -246,20 +297,29 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             txn.body_cut = True
             txn.body = None
             return CONTINUE
-        txn.body.append(chunk)
+        txn.body += chunk
         return CONTINUE
 
     def eom(self) -> int:
         txn = self.txn
         if txn is None:
             return CONTINUE
+        started = time.perf_counter()
+        stripped = False
+        removed = 0
         try:
-            return self._end_of_message(txn)
+            # First, on its own: forged fields must be gone whatever fails
+            # later, even an internal error answered with "accept".
+            try:
+                removed = self._strip_forged(txn)
+            except Milter.error:
+                # The MTA connection failed: the transaction is abandoned.
+                self._log_line(txn, started, aborted=True)
+                return TEMPFAIL
+            stripped = True
+            return self._end_of_message(txn, started, removed)
         except Exception:
-            # A bug must not stop mail: the message goes through unchanged
-            # (the MTA's own checks still apply) and the log says why.
-            log.exception("internal error on message %s; accepted unchanged", self._queue_id())
-            return CONTINUE
+            return self._internal_error(txn, started, stripped, removed)
         finally:
             self._end()
 
@@ -278,48 +338,150 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             self.state.end(self.txn.ticket)
             self.txn = None
 
-    def _queue_id(self) -> str:
-        return self.getsymval("i") or ""
+    def _macro(self, name: str) -> str:
+        """An MTA macro, "" when unset or not UTF-8: pymilter decodes macros
+        strictly, and a client's reverse-DNS name is whatever its DNS says."""
+        try:
+            return self.getsymval(name) or ""
+        except UnicodeError:
+            return ""
 
-    def _end_of_message(self, txn: _Transaction) -> int:
-        started = time.perf_counter()
+    def _queue_id(self) -> str:
+        return self._macro("i")
+
+    def _authserv_id(self) -> str:
+        """Ours: configured, else the MTA's j macro, else this host's name;
+        derived here (not at connect, which may not have run)."""
+        if not self.authserv_id:
+            runtime = self.runtime
+            self.authserv_id = runtime.authserv_id or self._macro("j") or runtime.host_name
+        return self.authserv_id
+
+    def _text_headers(self, txn: _Transaction) -> list[tuple[str, str]]:
+        # With leading whitespace negotiated a value is " text": Message
+        # keeps those exact bytes for DKIM, the rest of the core wants text.
+        if self._leading_space():
+            return [(n, v.lstrip(" \t")) for n, v in txn.headers]
+        return txn.headers
+
+    def _owned(self) -> frozenset[str]:
+        """Every authserv-id that is ours for this message: configured, the
+        one we write, and the MTA's j name (an attacker's field claiming any
+        of them is forged, and none of them is ever trusted)."""
+        return self.runtime.owned_ids | own_ids(self._authserv_id(), self._macro("j"))
+
+    def _strip_forged(self, txn: _Transaction) -> int:
+        owned = self._owned()
+        remove = forged_fields(self._text_headers(txn), owned)
+        if remove and not self._actions & Milter.CHGHDRS:
+            # They cannot be removed, so the message must not go through
+            # as if they had been (an internal error: tempfail by default).
+            raise RuntimeError("forged fields present, and the MTA does not allow removing them")
+        # Highest index first, so each deletion leaves the numbering of the
+        # ones still to come alone.
+        for name, index in sorted(remove, key=lambda item: -item[1]):
+            self.chgheader(name, index, None)
+        return len(remove)
+
+    def _log_line(self, txn: _Transaction, started: float, **fields: Any) -> None:
+        message_log.info(
+            "message",
+            extra={
+                "fields": {
+                    "queue_id": self._queue_id(),
+                    "client_ip": self.client_ip,
+                    **{k: v for k, v in fields.items() if v},
+                    "headers_cut": txn.headers_cut or None,
+                    "elapsed_ms": (time.perf_counter() - started) * 1000,
+                }
+            },
+        )
+
+    def _internal_error(
+        self, txn: _Transaction, started: float, stripped: bool, removed: int
+    ) -> int:
+        error_id = secrets.token_hex(6)
+        log.error("internal error error_id=%s", error_id, exc_info=True)
+        action = self.runtime.config.milter.internal_error_action
+        if action == "accept" and not stripped:
+            # Forged fields could not be removed: never deliver them.
+            action = "tempfail"
+        self._log_line(txn, started, action=action, error_id=error_id, removed_ar=removed or None)
+        return self._refuse(action)
+
+    def _refuse(self, action: str) -> int:
+        if action == "accept":
+            return CONTINUE
+        reply = INTERNAL_REJECT if action == "reject" else INTERNAL_TEMPFAIL
+        self._set_reply(reply)
+        return REJECT if action == "reject" else TEMPFAIL
+
+    def _set_reply(self, reply: SMTPReply) -> bool:
+        """Set the reply text; False if libmilter refused it (the MTA then
+        uses its own text with the same verdict)."""
+        try:
+            self.setreply(reply.code, reply.enhanced, safe_reply_text(reply.text))
+        except (Milter.error, ValueError, UnicodeError):
+            log.warning("reply text refused: %r", safe_reply_text(reply.text))
+            return False
+        return True
+
+    def _end_of_message(self, txn: _Transaction, started: float, removed: int) -> int:
         runtime = self.runtime
         config = runtime.config
         queue_id = self._queue_id()
-        # Ours at run time too: the name we write and the MTA's j name.
-        owned = runtime.owned_ids | own_ids(self.authserv_id, self.getsymval("j"))
+        owned = self._owned()
         lead = self._leading_space()
-        # With leading whitespace negotiated a value is " text": Message
-        # keeps those exact bytes for DKIM, the rest of the core wants text.
-        headers = [(n, v.lstrip(" \t")) for n, v in txn.headers] if lead else txn.headers
-        skip = self._skip_reason(txn)
+        headers = self._text_headers(txn)
+        if self.client_ip is None and not self.connected:
+            self.client_ip = self._client_address()
+        context = LocalContext(self.client_ip, txn.authenticated, not txn.headers_cut)
+        skip = skip_reason(context, config)
+        if skip == "local" and not self.connected:
+            # An IP connection whose connect callback could not run (a host
+            # name that is not UTF-8) and whose address no macro gives: not
+            # a local submission.
+            skip = "no_client_address"
         envelope = None
         if skip is None:
             try:
                 envelope = Envelope.create(
-                    self.client_ip or "", self.helo_name, txn.mail_from, txn.recipients, queue_id
+                    (self.client_ip or "").partition("%")[0],  # no IPv6 zone
+                    self.helo_name,
+                    txn.mail_from,
+                    txn.recipients,
+                    queue_id,
                 )
             except InputError:
                 skip = "no_client_address"
+        if skip == "no_client_address":
+            # It cannot be evaluated, and must not pass unchecked: the
+            # internal-error action (tempfail by default).
+            action = config.milter.internal_error_action
+            self._log_line(txn, started, skipped=skip, removed_ar=removed, action=action)
+            return self._refuse(action)
         if skip is not None or envelope is None:
-            actions = plan_unevaluated(headers, owned)
-            code = self._apply(actions)
-            message_log.info(
-                "message",
-                extra={
-                    "fields": {
-                        "queue_id": queue_id,
-                        "client_ip": self.client_ip,
-                        "skipped": skip,
-                        "removed_ar": len(actions.remove) or None,
-                        "action": "accept",
-                        "elapsed_ms": (time.perf_counter() - started) * 1000,
-                    }
-                },
+            # Not evaluated; forged fields are already gone.  A header
+            # that was cut is refused all the same.
+            refusal = None if context.header_complete else incomplete_header(config.policy)
+            if refusal is not None:
+                code = self._verdict_code(
+                    MilterActions(verdict=refusal.action, reply=refusal.reply)
+                )
+            else:
+                code = CONTINUE
+            self._log_line(
+                txn,
+                started,
+                skipped=skip,
+                removed_ar=removed,
+                action=refusal.action.value if refusal else "accept",
             )
             return code
-        body = b"".join(txn.body or ())
+        body = txn.body if txn.body is not None else b""
         message = Message.from_parts(txn.headers, body, leading_space=lead)
+        txn.body = None  # the message holds it now
+        del body
         upstream = upstream_results(headers, runtime.upstream_trust, envelope, owned)
         evaluation = evaluate(
             envelope,
@@ -329,21 +491,23 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             upstream=upstream,
             body_cut_at=config.milter.max_body_bytes if txn.body_cut else None,
         )
-        decision = decide(evaluation, config.policy)
-        actions = plan(evaluation, decision, headers, config, self.authserv_id, owned)
-        own_report = is_own_report(headers, config)
-        if self.state.writer is not None and not own_report:
+        decision = decide(evaluation, config.policy, context)
+        actions = plan(evaluation, decision, headers, config, self.authserv_id, frozenset())
+        own_report = not recorded(headers, config)
+        failed = self._apply(actions)
+        code = self._verdict_code(actions)
+        if self.state.writer is not None and not own_report and not failed:
             self.state.writer.enqueue(evaluation, decision)
-        code = self._apply(actions)
         message_log.info(
             "message",
             extra={
                 "fields": message_fields(
                     evaluation,
                     decision,
-                    actions,
+                    removed,
                     (time.perf_counter() - started) * 1000,
                     upstream=upstream.authserv_id if upstream else None,
+                    aborted=failed > 0,
                     body_cut=txn.body_cut,
                     headers_cut=txn.headers_cut,
                     own_report=own_report,
@@ -352,32 +516,14 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         )
         return code
 
-    def _skip_reason(self, txn: _Transaction) -> str | None:
-        clients = self.runtime.config.clients
-        if clients.skip_authenticated and txn.authenticated:
-            return "authenticated"
-        if self.client_ip is None and not self.connected:
-            self.client_ip = self._client_address()
-        if self.client_ip is None:
-            # Not an IP connection: local submission (Postfix's sendmail
-            # command through non_smtpd_milters).
-            return "local"
-        try:
-            address = ipaddress.ip_address(self.client_ip.partition("%")[0])
-        except ValueError:
-            return "no_client_address"
-        if any(address in network for network in self.runtime.trusted_networks):
-            return "trusted_network"
-        return None
-
     def _client_address(self) -> str | None:
         """The client address from the connect macros, for a connection whose
         connect callback could not run: Postfix's ``{client_addr}``, or the
         address in ``_`` ("name [address]").  A message must not escape
         evaluation because a host name was not UTF-8."""
-        address = self.getsymval("{client_addr}") or ""
+        address = self._macro("{client_addr}")
         if not address:
-            underscore = self.getsymval("_") or ""
+            underscore = self._macro("_")
             if underscore.endswith("]") and "[" in underscore:
                 address = underscore[underscore.rindex("[") + 1 : -1]
         address = address.removeprefix("IPv6:")
@@ -390,20 +536,37 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         return bool(self._protocol & Milter.P_HDR_LEADSPC)
 
     def _apply(self, actions: MilterActions) -> int:
+        """Carry out the header edits and the quarantine; the number of
+        writes that failed.  A failed write is logged and the rest still
+        done: a header the MTA would not take must not cancel the verdict."""
         lead = " " if self._leading_space() else ""
-        # Highest index first, so each deletion leaves the numbering of the
-        # ones still to come alone.
-        for name, index in sorted(actions.remove, key=lambda item: -item[1]):
-            self.chgheader(name, index, None)
-        for name, value in reversed(actions.prepend):
-            self._insert_top(name, lead + value)
-        for name, value in actions.append:
-            self.addheader(name, lead + value)
+        failed = 0
+        writes: list[tuple[str, Callable[[], object]]] = []
+        if actions.prepend or actions.append:
+            if self._actions & Milter.ADDHDRS:
+                for name, value in reversed(actions.prepend):
+                    writes.append((name, functools.partial(self._insert_top, name, lead + value)))
+                for name, value in actions.append:
+                    writes.append((name, functools.partial(self.addheader, name, lead + value)))
+            else:
+                # The MTA did not allow it: not a failed write (the
+                # transaction goes on), but the verdict still stands.
+                log.warning("the MTA does not allow adding header fields")
         if actions.hold_reason is not None:
-            self.quarantine(actions.hold_reason)
-        if actions.verdict in (Action.REJECT, Action.TEMPFAIL) and actions.reply is not None:
-            reply = actions.reply
-            self.setreply(reply.code, reply.enhanced, reply.text)
+            reason = actions.hold_reason
+            writes.append(("quarantine", lambda: self.quarantine(reason)))
+        for what, write in writes:
+            try:
+                write()
+            except (Milter.error, ValueError, UnicodeError) as exc:
+                failed += 1
+                log.warning("could not write %s: %s", what, exc)
+        return failed
+
+    def _verdict_code(self, actions: MilterActions) -> int:
+        if actions.verdict in (Action.REJECT, Action.TEMPFAIL):
+            if actions.reply is not None:
+                self._set_reply(actions.reply)
             return REJECT if actions.verdict is Action.REJECT else TEMPFAIL
         return CONTINUE
 
@@ -416,17 +579,26 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             self.addheader(name, value)
 
 
+# Signatures named in the log line; the others are counted.
+LOG_SIGNATURES = 20
+# Characters of one value in the log line.
+MAX_LOG_VALUE = 512
+
+
 def message_fields(
     evaluation: Evaluation,
     decision: Decision,
-    actions: MilterActions,
+    removed: int,
     elapsed_ms: float,
     **extra: Any,
 ) -> dict[str, Any]:
     """The fields of the one log line per evaluated message."""
     env = evaluation.envelope
     dmarc = evaluation.dmarc
-    dkim = ",".join(f"{s.result.value}:{s.domain or '-'}" for s in evaluation.dkim.signatures)
+    signatures = evaluation.dkim.signatures
+    dkim = ",".join(f"{s.result.value}:{s.domain or '-'}" for s in signatures[:LOG_SIGNATURES])
+    if len(signatures) > LOG_SIGNATURES:
+        dkim += f",+{len(signatures) - LOG_SIGNATURES}"
     action = decision.action.value
     if decision.quarantine is not None:
         action = f"{action}:{decision.quarantine.value}"
@@ -446,12 +618,18 @@ def message_fields(
         "action": action,
         "would": decision.monitored.value if decision.monitored else None,
         "reasons": ",".join(r.reason.value for r in decision.reasons) or None,
-        "removed_ar": len(actions.remove) or None,
+        "removed_ar": removed or None,
         "elapsed_ms": elapsed_ms,
     }
     for key, value in extra.items():
         if value:
             fields[key] = value
+    # Values from the client and the message (HELO, MAIL FROM, domains)
+    # are cut: one log line per message stays short.  The log formatter
+    # escapes quotes and control characters.
+    for key, value in fields.items():
+        if isinstance(value, str) and len(value) > MAX_LOG_VALUE:
+            fields[key] = value[: MAX_LOG_VALUE - 3] + "..."
     return fields
 
 

@@ -19,18 +19,36 @@ note of what would have happened.
 Every deviation from the published policy is recorded as an RFC 9990
 override reason.  The milter applies the :class:`Decision`;
 ``dmarcmilter evaluate`` prints it.
+
+Local policy that does not depend on the evaluation lives here too, so that
+``dmarcmilter evaluate`` reproduces what the milter does: which clients are
+not evaluated (:func:`skip_reason`), which messages are not recorded for
+reports (:func:`recorded`, the report loop guard), and what a header section
+too large to be seen whole gets (:class:`LocalContext`).
+
+Every SMTP reply text is made safe here (:func:`safe_reply_text`): values
+from the message or DNS are put into it, and libmilter refuses a text with
+a lone "%" or a line break.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import PolicyConfig
+from .config import Config, PolicyConfig
 from .dmarc import DMARCResultCode, OverrideReason, PolicyOverride
 from .domains import ascii_casefold
 from .evaluation import Evaluation
 from .record import Policy
+from .report.guard import is_own_report
+
+# An SMTP reply line is at most 512 octets (RFC 5321 §4.5.3.1.5), with the
+# codes; the text is cut to this many characters.
+MAX_REPLY_TEXT = 400
 
 
 class Disposition(enum.Enum):
@@ -80,7 +98,87 @@ class Decision:
 ACCEPT = Decision(Disposition.NONE, Action.ACCEPT)
 
 
-def decide(evaluation: Evaluation, config: PolicyConfig) -> Decision:
+@dataclass(frozen=True, slots=True)
+class LocalContext:
+    """What the MTA told us about the transaction besides the message."""
+
+    # The connecting client's address; None for a connection that is not
+    # over IP (local submission through Postfix's non_smtpd_milters).
+    client_ip: str | None = None
+    # The SASL login name (the MTA's {auth_authen} macro), "" if none.
+    authenticated: str = ""
+    # False when the header section went past the milter's bounds: every
+    # From and Authentication-Results field was still kept, others were not.
+    header_complete: bool = True
+
+
+def skip_reason(context: LocalContext, config: Config) -> str | None:
+    """Why a message is not evaluated, or None: a SASL-authenticated client,
+    a local submission, a client in a trusted network."""
+    if config.clients.skip_authenticated and context.authenticated:
+        return "authenticated"
+    if context.client_ip is None:
+        return "local"
+    try:
+        address = ipaddress.ip_address(context.client_ip.partition("%")[0])
+    except ValueError:
+        return "no_client_address"
+    if any(address in network for network in _networks(config.clients.trusted_networks)):
+        return "trusted_network"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(
+    networks: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def recorded(headers: Sequence[tuple[str, str]], config: Config) -> bool:
+    """Whether an evaluated message goes into the history: not our own
+    aggregate report mail (the report loop guard)."""
+    return not is_own_report(headers, config)
+
+
+def incomplete_header(config: PolicyConfig) -> Decision:
+    """A header section that was not seen whole.  [impl choice] A message is
+    never delivered on partial data, and monitor mode does not soften this:
+    such a header is far past any MTA's defaults (Postfix keeps at most
+    header_size_limit per field and refuses larger messages), so only an
+    attacker or a broken client sends one.  Rejecting is the default because
+    retrying sends the same header again."""
+    text = "Message header too large to be checked"
+    if config.oversized_header_action == "tempfail":
+        return Decision(Disposition.NONE, Action.TEMPFAIL, reply=SMTPReply("452", "4.3.4", text))
+    # Reports show what was applied: a rejection by local policy.
+    return Decision(
+        Disposition.REJECT,
+        Action.REJECT,
+        (PolicyOverride(OverrideReason.LOCAL_POLICY, "header too large to be checked"),),
+        reply=SMTPReply("552", "5.3.4", text),
+    )
+
+
+def safe_reply_text(text: str) -> str:
+    """``text`` fit for smfi_setreply: printable ASCII on one line, no "%"
+    (libmilter treats it as a format character and refuses the reply), at
+    most :data:`MAX_REPLY_TEXT` characters.  Anything else becomes "?"."""
+    clean = "".join(c if " " <= c <= "~" and c != "%" else "?" for c in text)
+    if len(clean) > MAX_REPLY_TEXT:
+        clean = clean[: MAX_REPLY_TEXT - 3] + "..."
+    return clean
+
+
+def _reply(code: str, enhanced: str, template: str, domain: str) -> SMTPReply:
+    return SMTPReply(code, enhanced, safe_reply_text(template.format(domain=domain)))
+
+
+def decide(
+    evaluation: Evaluation, config: PolicyConfig, context: LocalContext | None = None
+) -> Decision:
+    if context is not None and not context.header_complete:
+        return incomplete_header(config)
     decision = _enforce(evaluation, config)
     if config.monitor and decision.action is not Action.ACCEPT:
         what = decision.action.value
@@ -112,8 +210,10 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
                 reply=SMTPReply(
                     "550",
                     "5.7.1",
-                    f"Message rejected: DMARC cannot be evaluated ({reason}); "
-                    "the From field must name exactly one author domain",
+                    safe_reply_text(
+                        f"Message rejected: DMARC cannot be evaluated ({reason}); "
+                        "the From field must name exactly one author domain"
+                    ),
                 ),
             )
         return ACCEPT
@@ -129,7 +229,7 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
             return Decision(
                 Disposition.NONE,
                 Action.TEMPFAIL,
-                reply=SMTPReply("451", "4.7.0", config.tempfail_text.format(domain=domain)),
+                reply=_reply("451", "4.7.0", config.tempfail_text, domain),
             )
         return ACCEPT
     if dmarc.result is not DMARCResultCode.FAIL or policy is None or policy is Policy.NONE:
@@ -160,7 +260,7 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
                 Disposition.REJECT,
                 Action.REJECT,
                 tuple(reasons),
-                reply=SMTPReply("550", "5.7.1", config.reject_text.format(domain=domain)),
+                reply=_reply("550", "5.7.1", config.reject_text, domain),
             )
         else:
             # RFC 9989 §8: MUST NOT reject solely on p=reject.
@@ -178,7 +278,7 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
             Disposition.REJECT,
             Action.REJECT,
             tuple(reasons),
-            reply=SMTPReply("550", "5.7.1", config.reject_text.format(domain=domain)),
+            reply=_reply("550", "5.7.1", config.reject_text, domain),
         )
     return Decision(
         Disposition.QUARANTINE,

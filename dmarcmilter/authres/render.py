@@ -5,6 +5,16 @@ One function turns an :class:`Evaluation` into the header field *value*:
 ``authserv-id; spf=...; dkim=... (one per signature); arc=...; dmarc=...``.
 Property values are written as RFC 2045 tokens when they can be, and as
 quoted-strings otherwise, so any parser can read them back.
+
+Bounds: what one message can put into our header fields is capped, because
+libmilter refuses a header field value of 64 KiB or more (its packet limit)
+and the sender chooses most of what is written (DKIM d= and s=, HELO, MAIL
+FROM, reasons taken from DNS).  At most :data:`MAX_LISTED_SIGNATURES`
+signatures are listed, the rest summarised in a comment; every property
+value is cut to :data:`MAX_VALUE_CHARS` and every reason to
+:data:`MAX_REASON_CHARS` (before quoting).  :data:`MAX_RENDERED_CHARS` is
+the resulting worst case, checked by a test against an evaluation built to
+reach it.
 """
 
 from __future__ import annotations
@@ -19,7 +29,33 @@ from ..results import SPFResult
 _TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+$")
 # RFC 8601 pvalue also admits [local-part "@"] domain-name unquoted.
 _ADDRESS = re.compile(r"^[!#$%&'*+\-/=?^_`{|}~.0-9A-Za-z]*@[0-9A-Za-z._-]+$")
-_MAX_REASON = 200
+# Signatures listed one by one; the others are counted in a comment.
+MAX_LISTED_SIGNATURES = 8
+# A property value (domain, selector, address, HELO, authserv-id): a domain
+# name has at most 253 characters; longer is cut, with "..." at the end.
+MAX_VALUE_CHARS = 256
+# reason= text and comments.
+MAX_REASON_CHARS = 200
+# The longest Authentication-Results value render() can produce: quoting
+# at most doubles a value (every character escaped) and adds two quotes.
+_QUOTED_VALUE = 2 * MAX_VALUE_CHARS + 2
+_REASON = len(" reason=") + 2 * MAX_REASON_CHARS + 2
+_PROPERTY = len(" smtp.mailfrom=") + _QUOTED_VALUE
+_METHOD = len(";\n\tdkim=temperror")
+MAX_RENDERED_CHARS = (
+    _QUOTED_VALUE  # authserv-id
+    + 2 * (_METHOD + _REASON + _PROPERTY)  # spf: mfrom, helo
+    + MAX_LISTED_SIGNATURES * (_METHOD + _REASON + 4 * _PROPERTY)  # dkim: d, s, a, b
+    + len(" (99999999 more signatures not listed)")
+    + _METHOD  # arc
+    + _METHOD
+    + _REASON
+    + 2 * _PROPERTY  # dmarc: policy, header.from
+)
+# libmilter's limit on one packet (MILTER_MAX_DATA_SIZE), which must hold
+# the field name and value.
+MILTER_MAX_DATA = 65535
+assert MAX_RENDERED_CHARS < MILTER_MAX_DATA // 2
 
 
 def quote_value(value: str) -> str:
@@ -28,7 +64,7 @@ def quote_value(value: str) -> str:
     printable ASCII (or tab) becomes "?", so the field is 7-bit clean whatever was
     sent, and never holds bytes that are not UTF-8 (which the milter library
     cannot send)."""
-    value = "".join(c if " " <= c <= "~" or c == "\t" else "?" for c in value)
+    value = _cut("".join(c if " " <= c <= "~" or c == "\t" else "?" for c in value))
     if _TOKEN.match(value) or _ADDRESS.match(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
@@ -39,9 +75,20 @@ def _reason(text: str) -> str:
     # Reasons come from DNS data and senders' headers: keep them printable
     # ASCII on one line, and short.
     clean = "".join(c if " " <= c <= "~" else "?" for c in text.replace("\r\n", " "))
-    if len(clean) > _MAX_REASON:
-        clean = clean[: _MAX_REASON - 3] + "..."
-    return f"reason={quote_value(clean)}"
+    return f"reason={quote_value(_cut(clean, MAX_REASON_CHARS))}"
+
+
+def plain_text(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """``text`` as printable ASCII on one line, at most ``limit`` characters:
+    for a value from the message or DNS put into free text (a header
+    field, a quarantine reason)."""
+    return _cut("".join(c if " " <= c <= "~" else "?" for c in text), limit)
+
+
+def _cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    if len(text) > limit:
+        return text[: limit - 3] + "..."
+    return text
 
 
 def _resinfo(method: str, result: str, reason: str = "", **props: str) -> str:
@@ -73,7 +120,7 @@ def render(evaluation: Evaluation, authserv_id: str, fold: str = "\n\t") -> str:
     signatures = evaluation.dkim.signatures
     if not signatures:
         results.append("dkim=none")
-    for sig in signatures:
+    for sig in signatures[:MAX_LISTED_SIGNATURES]:
         results.append(
             _resinfo(
                 "dkim",
@@ -85,6 +132,11 @@ def render(evaluation: Evaluation, authserv_id: str, fold: str = "\n\t") -> str:
                 header_b=sig.header_b,
             )
         )
+    if len(signatures) > MAX_LISTED_SIGNATURES:
+        # A comment may follow any resinfo (RFC 8601 CFWS): the field stays
+        # valid, and a reader still learns that there were more.
+        unlisted = len(signatures) - MAX_LISTED_SIGNATURES
+        results[-1] += f" ({unlisted} more signatures not listed)"
 
     arc = evaluation.arc
     results.append(_resinfo("arc", arc.result.value))
@@ -102,7 +154,7 @@ def render(evaluation: Evaluation, authserv_id: str, fold: str = "\n\t") -> str:
             header_from=dmarc.author_domain or "",
         )
     )
-    return f"{authserv_id};{fold}" + f";{fold}".join(results)
+    return f"{quote_value(authserv_id)};{fold}" + f";{fold}".join(results)
 
 
 def render_received_spf(evaluation: Evaluation, receiver: str) -> str:
@@ -126,4 +178,4 @@ def _comment(text: str) -> str:
     # A comment may hold anything but unbalanced parentheses and
     # backslashes; keep it printable ASCII on one line, and short.
     clean = "".join(c if " " <= c <= "~" and c not in "()\\" else " " for c in text)
-    return clean[:_MAX_REASON].strip()
+    return clean[:MAX_REASON_CHARS].strip()
