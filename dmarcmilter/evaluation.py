@@ -17,7 +17,7 @@ from .author import extract_author
 from .config import Config
 from .discovery import Discoverer, DiscoveryMethod, load_psl
 from .dkim import unverified, verify_dkim
-from .dmarc import DMARCOutcome, evaluate_dmarc
+from .dmarc import DMARCOutcome, evaluate_dmarc, evaluate_recovered
 from .errors import InputError
 from .message import Message
 from .resolver import DNSSession, Resolver, ResolverSettings
@@ -132,7 +132,12 @@ def evaluate(
         )
     arc = verify_arc(message.raw, session)
     # 4-5. Policy discovery, alignment and the DMARC result.
-    dmarc = evaluate_dmarc(author, spf, dkim, Discoverer(session, method, psl))
+    # An out-of-scope From that still names domains is evaluated for each
+    # of them, unless local policy accepts or rejects it as it stands.
+    evaluate_author = (
+        evaluate_recovered if config.policy.out_of_scope == "evaluate" else evaluate_dmarc
+    )
+    dmarc = evaluate_author(author, spf, dkim, Discoverer(session, method, psl))
     mailing_list = any(name.lower() in LIST_HEADERS for name, _ in message.headers)
     return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at, mailing_list)
 

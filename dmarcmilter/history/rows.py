@@ -67,7 +67,8 @@ def message_row(
         "envelope_from_domain": _address_domain(env.mail_from),
         # Only the first recipient: see the column's comment in models.py.
         "envelope_to_domain": _address_domain(env.rcpt_to[0]) if env.rcpt_to else None,
-        "header_from_domain": evaluation.author.domain,
+        # For a malformed From, the recovered domain whose policy applied.
+        "header_from_domain": evaluation.author.domain or dmarc.author_domain,
         "policy_domain": dmarc.policy_domain,
         "org_domain": dmarc.organizational_domain,
         **_record_columns(dmarc.record),
