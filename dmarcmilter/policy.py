@@ -143,7 +143,12 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
     if dmarc.result is DMARCResultCode.TEMPERROR:
         # §5.3.6: no policy is applied.  §7.2 suggests deferring, which a
         # setting enables, unless the policy is known to change nothing.
-        if config.temperror_action == "tempfail" and policy is not Policy.NONE:
+        # A malformed From whose domains could not all be checked is always
+        # deferred: its sender is not owed delivery on partial results, and
+        # the unchecked domain may be the one a reader sees (fail closed).
+        if dmarc.malformed_from or (
+            config.temperror_action == "tempfail" and policy is not Policy.NONE
+        ):
             return Decision(
                 Disposition.NONE,
                 Action.TEMPFAIL,

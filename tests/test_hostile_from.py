@@ -32,6 +32,7 @@ ZONE: dict[str, Any] = {
     "_dmarc.shop.example": [("TXT", "v=DMARC1; p=quarantine")],
     "evil.example": [("TXT", "v=spf1 ip4:203.0.113.66 -all")],
     "_dmarc.evil.example": [("TXT", "v=DMARC1; p=none")],
+    "_dmarc.slow.example": "TIMEOUT",
 }
 ATTACKER_IP = "203.0.113.66"
 SENDER = "bounce@evil.example"
@@ -151,6 +152,13 @@ CASES: dict[str, tuple[list[str], str, str, str | None]] = {
     "group_with_victim": (["Board: <ceo@bank.example>>;"], "evaluate", "fail", "bank.example"),
     "idn_u_label": (["CEO <ceo@b\u00e4nk.example>>"], "evaluate", "fail", "xn--bnk-qla.example"),
     "case_differs": (["ceo@BANK.example", "ceo@bank.EXAMPLE"], "evaluate", "fail", "bank.example"),
+    # A domain whose policy cannot be fetched: deferred (451), not delivered.
+    "temperror_domain": (
+        ["attacker@evil.example", "CEO <ceo@slow.example>"],
+        "evaluate",
+        "temperror",
+        "slow.example",
+    ),
     # Past the bounds: the search stops, and the message is not let through.
     "many_from_fields": (MANY_JUNK_FIELDS, "evaluate", "fail", "bank.example"),
     "too_many_domains": (MANY_DOMAINS, "evaluate", "permerror", None),
@@ -190,6 +198,9 @@ def test_hostile_from(name: str, daemons: dict[str, MilterDaemon]) -> None:
     final = eom.reply.kind if eom.reply.kind != "replycode" else eom.reply.code
     if name in ("too_many_domains", "setting_reject"):
         assert final == "550"
+        return
+    if name == "temperror_domain":
+        assert final == "451"
         return
     dmarc = dmarc_result(eom)
     assert (dmarc.result, dmarc.get("header.from")) == (result, header_from)

@@ -243,6 +243,11 @@ def test_out_of_scope_from_with_a_temperror_domain(run: Evaluator) -> None:
         "temperror",
         "slow.example",
     )
+    # Deferred even with temperror_action = "accept": the unchecked domain
+    # may be the one a reader sees.
+    decision = decide(evaluation, PolicyConfig())
+    assert decision.action is Action.TEMPFAIL and decision.reply is not None
+    assert decision.reply.code == "451"
     # ...but a certain p=quarantine failure is not softened by it.
     evaluation = run(b"From: a@slow.example, b@example.org\r\n\r\nhi\r\n")
     assert (evaluation.dmarc.result.value, evaluation.dmarc.author_domain) == (
