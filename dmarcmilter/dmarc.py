@@ -252,7 +252,9 @@ def evaluate_recovered(
     2. incomplete (a bound in :func:`dmarcmilter.author.recover_domains`
        stopped the search): a fail under the strictest enforcing policy any
        evaluated domain has, even one that passed, since an unevaluated
-       domain may be the one the reader shows (fail closed);
+       domain may be the one the reader shows (fail closed); with no
+       enforcing policy at all, the out-of-scope permerror, which the policy
+       step refuses (a p=none domain of the attacker's must not stand in);
     3. a temperror: a domain whose policy is unknown may be the strictest;
     4. a fail under p=none;
     5. a pass, when every other domain has no usable policy;
@@ -297,9 +299,9 @@ def _strictest(outcomes: list[DMARCOutcome], incomplete: bool) -> DMARCOutcome |
     if enforcing:
         return first_strictest(enforcing)
     if incomplete:
-        seen = first_strictest([o for o in outcomes if strictness(o) > 0])
-        if seen is not None:
-            return seen
+        # Nothing less than an enforcing policy may stand for the domains
+        # not evaluated; without one, the policy step refuses the message.
+        return first_strictest([o for o in outcomes if strictness(o) > 0])
     for wanted in (DMARCResultCode.TEMPERROR, DMARCResultCode.FAIL):
         found = [o for o in outcomes if o.result is wanted]
         if found:

@@ -162,6 +162,13 @@ CASES: dict[str, tuple[list[str], str, str, str | None]] = {
     # Past the bounds: the search stops, and the message is not let through.
     "many_from_fields": (MANY_JUNK_FIELDS, "evaluate", "fail", "bank.example"),
     "too_many_domains": (MANY_DOMAINS, "evaluate", "permerror", None),
+    # ... even when the attacker's own p=none domain comes first and passes.
+    "too_many_domains_own_first": (
+        ["attacker@evil.example, " + MANY_DOMAINS[0]],
+        "evaluate",
+        "permerror",
+        None,
+    ),
     # In scope, not recovered: an address in a comment or an encoded word is
     # a display name (RFC 9989 Appendix A.3), and the attacker's own domain
     # is the Author Domain.
@@ -196,7 +203,7 @@ def test_hostile_from(name: str, daemons: dict[str, MilterDaemon]) -> None:
     eom = run(daemons[setting], message(*froms))
     check_golden(f"from_{name}", outcome_text(eom))
     final = eom.reply.kind if eom.reply.kind != "replycode" else eom.reply.code
-    if name in ("too_many_domains", "setting_reject"):
+    if name in ("too_many_domains", "too_many_domains_own_first", "setting_reject"):
         assert final == "550"
         return
     if name == "temperror_domain":
