@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 
-from dmarcmilter.config import Config, DNSConfig, config_from_mapping
+from dmarcmilter import record as record_module
+from dmarcmilter.config import Config, DNSConfig, PolicyConfig, config_from_mapping
 from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.history import db, rows
 from dmarcmilter.history.bulk import insert_rows
 from dmarcmilter.history.rows import message_row
+from dmarcmilter.history.writer import HistoryWriter
 from dmarcmilter.message import Message
 from dmarcmilter.policy import decide
+from dmarcmilter.record import parse_record
 from dmarcmilter.report.generate import Period, ReportJob, build_reports
 from dmarcmilter.resolver import Resolver
 from tests.dnsserver import TestDNSServer
@@ -176,3 +179,22 @@ def test_the_report_for_a_huge_record_goes_to_whole_addresses(run: Run, tmp_path
     addresses = [d.address for d in report.destinations]
     assert addresses == [f"dmarc-{i:04d}@evil.example" for i in range(settings.max_uris)]
     assert report.message_count == 1
+
+
+def test_the_writer_queues_a_huge_record_as_its_capped_row(run: Run, tmp_path: Path) -> None:
+    ev, _ = run(make_message(from_="ceo@evil.example"), HUGE_ZONE)
+    small, _ = run(make_message(from_="ceo@bank.example"))
+    writer = HistoryWriter(f"sqlite:///{tmp_path / 'h.sqlite3'}", tmp_path)  # not started
+    writer.enqueue(ev, decide(ev, PolicyConfig()))
+    writer.enqueue(small, decide(small, PolicyConfig()))
+    queued = list(writer._queue)
+    assert isinstance(queued[0], dict) and _size(queued[0]) < 8_000
+    assert isinstance(queued[1], tuple)  # honest records are built on the writer thread
+
+
+def test_huge_records_are_not_kept_in_the_parse_cache() -> None:
+    before = record_module._parse_cached.cache_info().currsize
+    first = parse_record(HUGE_RECORD)
+    assert parse_record(HUGE_RECORD) is not first  # parsed again, not cached
+    assert record_module._parse_cached.cache_info().currsize == before
+    assert parse_record("v=DMARC1; p=reject") is parse_record("v=DMARC1; p=reject")

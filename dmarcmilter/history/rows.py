@@ -159,7 +159,9 @@ _NO_RECORD: dict[str, Any] = dict.fromkeys(
 # text, and 10,000 keys of 60 KB would be 600 MB an attacker chose.
 _record_cache: dict[str, dict[str, Any]] = {}
 _RECORD_CACHE_SIZE = 10_000
-_RECORD_CACHE_MAX_RAW = 1024
+# A record longer than this is not cached, and the writer turns its
+# evaluation into a row before queueing it (honest records are < 300).
+LARGE_RECORD_CHARS = 1024
 
 
 def _record_columns(record: DMARCRecord | None) -> dict[str, Any]:
@@ -190,7 +192,7 @@ def _record_columns(record: DMARCRecord | None) -> dict[str, Any]:
             "ruf": ruf,
             "record_errors": _lines(problems, MAX_ERRORS_BYTES) if problems else None,
         }
-        if len(record.raw) <= _RECORD_CACHE_MAX_RAW:
+        if len(record.raw) <= LARGE_RECORD_CHARS:
             if len(_record_cache) >= _RECORD_CACHE_SIZE:
                 _record_cache.clear()
             _record_cache[record.raw] = columns
