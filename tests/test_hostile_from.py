@@ -128,6 +128,14 @@ CASES: dict[str, tuple[list[str], str, str, str | None]] = {
         "fail",
         "bank.example",
     ),
+    # An unquoted address as the display name: readers differ on which
+    # they show, so both count.
+    "address_as_display_name": (
+        ["ceo@bank.example <attacker@evil.example>"],
+        "evaluate",
+        "fail",
+        "bank.example",
+    ),
     # p=reject beats p=quarantine whatever the order.
     "strictest_policy_wins": (
         ["<a@shop.example>", "<ceo@bank.example>", "<b@shop.example>"],
