@@ -277,7 +277,20 @@ def evaluate_recovered(
     if author.recovery_incomplete:
         reason = f"malformed From ({why}), not every domain evaluated"
         if chosen.result is not DMARCResultCode.FAIL:
-            chosen = dataclasses.replace(chosen, result=DMARCResultCode.FAIL)
+            # Not what this domain's own result says: a local choice, which
+            # the aggregate report must show (RFC 9990 PolicyOverride).
+            chosen = dataclasses.replace(
+                chosen,
+                result=DMARCResultCode.FAIL,
+                reasons=(
+                    *chosen.reasons,
+                    PolicyOverride(
+                        OverrideReason.LOCAL_POLICY,
+                        f"{chosen.result.value} treated as fail: "
+                        "the From field names more domains than were evaluated",
+                    ),
+                ),
+            )
     else:
         reason = f"malformed From ({why})"
     if chosen.result is DMARCResultCode.TEMPERROR and chosen.reason:

@@ -284,7 +284,13 @@ def test_out_of_scope_from_past_the_domain_cap_fails_closed(run: Evaluator) -> N
         "example.com",
     )
     assert "not every domain evaluated" in evaluation.dmarc.reason
-    assert decide(evaluation, PolicyConfig()).action is Action.QUARANTINE
+    decision = decide(evaluation, PolicyConfig())
+    assert decision.action is Action.QUARANTINE
+    # example.com itself passed: treating it as a failure is reported.
+    assert (decision.reasons[0].reason.value, decision.reasons[0].comment) == (
+        "local_policy",
+        "pass treated as fail: the From field names more domains than were evaluated",
+    )
 
 
 def test_out_of_scope_from_without_a_recoverable_domain(run: Evaluator) -> None:
