@@ -20,6 +20,13 @@ Why a tokenizer of our own rather than the standard library:
   nested comments, it returns domain literals and U-labels unchanged, and it
   is about ten times slower than the parser below.
 
+A field that is out of scope is not the end of the matter: a reader still
+shows the address in ``CEO <ceo@bank.example> (`` or in the second of two
+From fields.  :func:`recover_domains` collects those domains, so that the
+DMARC step can evaluate each as the Author Domain and apply the strictest
+result (RFC 9989 §11.5, digest §4.1) instead of delivering the message as if
+no domain were named.
+
 The parser below is one linear pass over a token list, with no recursion.  It
 tolerates the damage common in real mail (an unquoted comma in a display
 name, a missing comma or closing ``>``, a group without ``;``), and in every
@@ -32,6 +39,7 @@ supplies an address.  Work is bounded by :data:`MAX_FIELD_CHARS` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -46,6 +54,15 @@ log = logging.getLogger(__name__)
 # characters with one address, and the limits bound the work per message.
 MAX_FIELD_CHARS = 16384
 MAX_ADDRESSES = 100
+# Recovery from an out-of-scope From (RFC 9989 §11.5 asks for a cap).  Past
+# any of these the recovered list is marked incomplete, which the DMARC step
+# treats as a failure under the strictest policy found (fail closed):
+# distinct domains kept; From fields read (when there are more, the first
+# and the last halves are read, as readers show the first or the last);
+# characters read over all fields (a longer field is read up to the cap).
+MAX_RECOVERED_DOMAINS = 5
+MAX_RECOVERY_FIELDS = 10
+MAX_RECOVERY_CHARS = 65536
 # Domains named in a reason; the reason ends up in a header field.
 _MAX_LISTED = 5
 _MAX_SHOWN = 64
@@ -69,6 +86,9 @@ _ENCODED_WORD = re.compile(
 _QUOTED = re.compile(r'"[^"\\]*(?:\\[\s\S][^"\\]*)*"')
 _LITERAL = re.compile(r"\[[^\[\]\\]*(?:\\[\s\S][^\[\]\\]*)*\]")
 _COMMENT_STOP = re.compile(r"[()\\]")
+# An angle address anywhere in the text, for a field whose comment or quoted
+# string never ends: a reader may show the swallowed rest as it is.
+_LOOSE_ANGLE_ADDR = re.compile(r'<[^<>@\s"(),;:\\]*@([^<>\s"(),;:\\\[\]]+)>')
 
 # Token kinds.  The structural specials stand for themselves.
 _ATOM_T = "a"
@@ -92,16 +112,79 @@ def extract_author(headers: Sequence[tuple[str, str]]) -> AuthorResult:
     if not values:
         return AuthorResult(AuthorStatus.NO_FROM, reason="no From field")
     if len(values) > 1:
-        return AuthorResult(
+        result = AuthorResult(
             AuthorStatus.MULTIPLE_FROM, reason=f"{len(values)} From fields, exactly one is allowed"
         )
+    else:
+        try:
+            result = parse_from(values[0])
+        except Exception:
+            # A parser bug must not take the message down with it: report the
+            # field as unusable, which keeps the message out of DMARC's scope.
+            log.exception("failed to parse a From field")
+            result = AuthorResult(AuthorStatus.NO_DOMAIN, reason="unparsable From field")
+    if result.status.in_scope:
+        return result
     try:
-        return parse_from(values[0])
+        recovered, incomplete = recover_domains(values)
     except Exception:
-        # A parser bug must not take the message down with it: report the
-        # field as unusable, which keeps the message out of DMARC's scope.
-        log.exception("failed to parse a From field")
-        return AuthorResult(AuthorStatus.NO_DOMAIN, reason="unparsable From field")
+        log.exception("failed to recover domains from a From field")
+        return result
+    return dataclasses.replace(result, recovered=recovered, recovery_incomplete=incomplete)
+
+
+def recover_domains(values: Sequence[str]) -> tuple[tuple[str, ...], bool]:
+    """The domains a lenient mail reader would show as the author of a
+    message whose From fields are out of DMARC's scope, and whether a bound
+    stopped the search early.
+
+    Every From field counts.  An address counts where the parser finds one:
+    in angle brackets or written bare, including the addresses it already
+    tolerates in damaged fields; in a field with an unterminated comment or
+    quoted string, an angle address in the swallowed rest counts too.  An
+    ``@`` in a complete comment, quoted string or encoded word still never
+    supplies an address, as for an in-scope field (display names are not
+    the Author Domain, RFC 9989 Appendix A.3).  Domain literals and names
+    that are not valid domains are skipped.  Work is bounded by
+    :data:`MAX_RECOVERY_FIELDS`, :data:`MAX_RECOVERY_CHARS` and
+    :data:`MAX_RECOVERED_DOMAINS`.
+    """
+    incomplete = False
+    fields = list(values)
+    if len(fields) > MAX_RECOVERY_FIELDS:
+        half = MAX_RECOVERY_FIELDS // 2
+        fields = fields[:half] + fields[-half:]
+        incomplete = True
+    domains: list[str] = []
+    budget = MAX_RECOVERY_CHARS
+    for value in fields:
+        limit = min(MAX_FIELD_CHARS, budget)
+        if len(value) > limit:
+            value = value[:limit]
+            incomplete = True
+        budget -= len(value)
+        if "\n" in value:
+            value = _FOLD.sub("", value)
+        tokens, lex_error = _tokenize(value)
+        parser = _Parser(tokens)
+        parser.parse()
+        incomplete = incomplete or parser.truncated
+        found = [m.domain for m in parser.mailboxes if m.domain and not m.literal]
+        if lex_error.startswith("unterminated"):
+            found.extend(_LOOSE_ANGLE_ADDR.findall(value))
+        for name in found:
+            try:
+                domain = normalize_domain(name)
+            except DomainError:
+                continue
+            if domain in domains:
+                continue
+            if len(domains) >= MAX_RECOVERED_DOMAINS:
+                return tuple(domains), True
+            domains.append(domain)
+        if budget <= 0:
+            return tuple(domains), True
+    return tuple(domains), incomplete
 
 
 def parse_from(value: str) -> AuthorResult:

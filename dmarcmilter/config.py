@@ -82,8 +82,11 @@ class PolicyConfig:
     """Local policy: what a DMARC result does to a message (RFC 9989 §7-8)."""
 
     # A From field that does not yield exactly one Author Domain (RFC 9989
-    # §4.2): "accept" reports dmarc=permerror, "reject" refuses the message.
-    out_of_scope: str = _opt("accept", choices=("accept", "reject"))
+    # §4.2, §11.5): "evaluate" evaluates each domain a mail reader would
+    # still show as the author and applies the strictest result (no such
+    # domain: dmarc=permerror, delivered); "reject" refuses the message;
+    # "accept" delivers it with dmarc=permerror.
+    out_of_scope: str = _opt("evaluate", choices=("evaluate", "reject", "accept"))
     # What a p=quarantine failure (or a p=reject one treated as quarantine)
     # does: "header" adds quarantine_header for the MDA to file it as junk,
     # "hold" puts it in the MTA's hold queue, "reject" refuses it, "accept"

@@ -13,6 +13,7 @@ What to *do* with the result is the policy step's business
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from .domains import DomainError, normalize_domain
 from .record import AlignmentMode, DMARCRecord, Policy
 from .results import (
     AuthorResult,
+    AuthorStatus,
     DKIMOutcome,
     DKIMResultCode,
     DKIMSignatureResult,
@@ -108,6 +110,9 @@ class DMARCOutcome:
     reason: str = ""  # why the result is what it is, for A-R reason= and logs
     # The Author Domain's Organizational Domain, when a policy was found.
     organizational_domain: str | None = None
+    # Why the From field is out of scope, when author_domain was recovered
+    # from it anyway (see evaluate_recovered); "" for an in-scope From.
+    malformed_from: str = ""
 
     @property
     def record(self) -> DMARCRecord | None:
@@ -223,6 +228,100 @@ def evaluate_dmarc(
             ),
         )
     return outcome(DMARCResultCode.FAIL, policy, spf_v, dkim_v, reasons)
+
+
+# [impl choice, digest §4.1] Strictness of an applied policy, for choosing
+# among the recovered Author Domains.
+_STRICTNESS = {Policy.NONE: 0, Policy.QUARANTINE: 1, Policy.REJECT: 2}
+
+
+def evaluate_recovered(
+    author: AuthorResult,
+    spf: SPFOutcome,
+    dkim: DKIMOutcome,
+    discoverer: Discoverer,
+) -> DMARCOutcome:
+    """:func:`evaluate_dmarc`, and for a From field out of scope that still
+    names domains a reader would show (``author.recovered``), the strictest
+    result of evaluating each of them as the Author Domain.
+
+    RFC 9989 §11.5 (digest §4.1): a receiver that goes ahead with several
+    domains evaluates each and applies the strictest policy among the failing
+    checks; if not all could be processed the evaluation is incomplete.
+    [impl choice] The choice, in order:
+
+    1. a fail under p=reject, else under p=quarantine (the first on a tie);
+    2. incomplete (a bound in :func:`dmarcmilter.author.recover_domains`
+       stopped the search): a fail under the strictest enforcing policy any
+       evaluated domain has, even one that passed, since an unevaluated
+       domain may be the one the reader shows (fail closed); with no
+       enforcing policy at all, the out-of-scope permerror, which the policy
+       step refuses (a p=none domain of the attacker's must not stand in);
+    3. a temperror: a domain whose policy is unknown may be the strictest;
+    4. a fail under p=none;
+    5. a pass, when every other domain has no usable policy;
+    6. otherwise (no policy anywhere) the out-of-scope permerror, unchanged.
+
+    The chosen outcome keeps the Author Domain whose policy applies, and
+    ``malformed_from`` says why the field was out of scope.
+    """
+    base = evaluate_dmarc(author, spf, dkim, discoverer)
+    if author.status.in_scope or not author.recovered:
+        return base
+    outcomes = [
+        evaluate_dmarc(AuthorResult(AuthorStatus.OK, domain=domain), spf, dkim, discoverer)
+        for domain in author.recovered
+    ]
+    chosen = _strictest(outcomes, author.recovery_incomplete)
+    if chosen is None:
+        return base
+    why = author.reason or author.status.value.replace("_", " ")
+    if author.recovery_incomplete:
+        reason = f"malformed From ({why}), not every domain evaluated"
+        if chosen.result is not DMARCResultCode.FAIL:
+            # Not what this domain's own result says: a local choice, which
+            # the aggregate report must show (RFC 9990 PolicyOverride).
+            chosen = dataclasses.replace(
+                chosen,
+                result=DMARCResultCode.FAIL,
+                reasons=(
+                    *chosen.reasons,
+                    PolicyOverride(
+                        OverrideReason.LOCAL_POLICY,
+                        f"{chosen.result.value} treated as fail: "
+                        "the From field names more domains than were evaluated",
+                    ),
+                ),
+            )
+    else:
+        reason = f"malformed From ({why})"
+    if chosen.result is DMARCResultCode.TEMPERROR and chosen.reason:
+        reason = f"{reason}: {chosen.reason}"
+    elif chosen.result is DMARCResultCode.FAIL:
+        reason = f"{reason}: policy of {chosen.author_domain} applied"
+    return dataclasses.replace(chosen, reason=reason, malformed_from=why)
+
+
+def _strictest(outcomes: list[DMARCOutcome], incomplete: bool) -> DMARCOutcome | None:
+    def strictness(outcome: DMARCOutcome) -> int:
+        return _STRICTNESS.get(outcome.policy, 0) if outcome.policy is not None else -1
+
+    def first_strictest(candidates: list[DMARCOutcome]) -> DMARCOutcome | None:
+        return max(candidates, key=strictness) if candidates else None
+
+    fails = [o for o in outcomes if o.result is DMARCResultCode.FAIL]
+    enforcing = [o for o in fails if strictness(o) > 0]
+    if enforcing:
+        return first_strictest(enforcing)
+    if incomplete:
+        # Nothing less than an enforcing policy may stand for the domains
+        # not evaluated; without one, the policy step refuses the message.
+        return first_strictest([o for o in outcomes if strictness(o) > 0])
+    for wanted in (DMARCResultCode.TEMPERROR, DMARCResultCode.FAIL):
+        found = [o for o in outcomes if o.result is wanted]
+        if found:
+            return first_strictest(found)
+    return first_strictest([o for o in outcomes if o.result is DMARCResultCode.PASS])
 
 
 class _Aligner:

@@ -17,7 +17,7 @@ from .author import extract_author
 from .config import Config
 from .discovery import Discoverer, DiscoveryMethod, load_psl
 from .dkim import unverified, verify_dkim
-from .dmarc import DMARCOutcome, evaluate_dmarc, sealer_vouch
+from .dmarc import DMARCOutcome, evaluate_dmarc, evaluate_recovered, sealer_vouch
 from .errors import InputError
 from .message import Message
 from .resolver import DNSSession, Resolver, ResolverSettings
@@ -137,7 +137,12 @@ def evaluate(
     arc = verify_arc(message.raw, session)
     # 4-5. Policy discovery, alignment and the DMARC result.
     discoverer = Discoverer(session, method, psl)
-    dmarc = evaluate_dmarc(author, spf, dkim, discoverer)
+    # An out-of-scope From that still names domains is evaluated for each
+    # of them, unless local policy accepts or rejects it as it stands.
+    evaluate_author = (
+        evaluate_recovered if config.policy.out_of_scope == "evaluate" else evaluate_dmarc
+    )
+    dmarc = evaluate_author(author, spf, dkim, discoverer)
     hops = trusted_hops(arc, config.policy.trusted_arc_sealers)
     vouch = sealer_vouch(dmarc, tuple((h.sealer_domain, hop_results(h)) for h in hops), discoverer)
     mailing_list = any(name.lower() in LIST_HEADERS for name, _ in message.headers)

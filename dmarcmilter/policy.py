@@ -199,21 +199,37 @@ def decide(
 def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
     dmarc = evaluation.dmarc
     domain = dmarc.author_domain
+    # RFC 9989 §4.2: no single Author Domain.  [impl choice, digest §4.1] by
+    # default ("evaluate") each domain a reader would still see was evaluated
+    # (dmarc.evaluate_recovered) and the strictest result is enforced below;
+    # "reject" refuses the message, "accept" delivers it with dmarc=permerror.
+    if not evaluation.author.status.in_scope and config.out_of_scope == "reject":
+        reason = evaluation.author.reason or "the From field is not usable"
+        return Decision(
+            Disposition.NONE,
+            Action.REJECT,
+            reply=SMTPReply(
+                "550",
+                "5.7.1",
+                safe_reply_text(
+                    f"Message rejected: DMARC cannot be evaluated ({reason}); "
+                    "the From field must name exactly one author domain"
+                ),
+            ),
+        )
     if domain is None:
-        # RFC 9989 §4.2: no single Author Domain.  [impl choice, digest
-        # §4.1] accept with dmarc=permerror by default; rejecting is a setting.
-        if config.out_of_scope == "reject":
-            reason = evaluation.author.reason or "the From field is not usable"
+        if evaluation.author.recovery_incomplete and config.out_of_scope == "evaluate":
+            # More author domains than are evaluated, none of them with an
+            # enforcing policy: an unevaluated one may be the victim's, and
+            # there is no policy to apply in its place (fail closed).
             return Decision(
                 Disposition.NONE,
                 Action.REJECT,
                 reply=SMTPReply(
                     "550",
                     "5.7.1",
-                    safe_reply_text(
-                        f"Message rejected: DMARC cannot be evaluated ({reason}); "
-                        "the From field must name exactly one author domain"
-                    ),
+                    "Message rejected: the From field names more author domains "
+                    "than DMARC is evaluated for",
                 ),
             )
         return ACCEPT
@@ -225,7 +241,12 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
     if dmarc.result is DMARCResultCode.TEMPERROR:
         # §5.3.6: no policy is applied.  §7.2 suggests deferring, which a
         # setting enables, unless the policy is known to change nothing.
-        if config.temperror_action == "tempfail" and policy is not Policy.NONE:
+        # A malformed From whose domains could not all be checked is always
+        # deferred: its sender is not owed delivery on partial results, and
+        # the unchecked domain may be the one a reader sees (fail closed).
+        if dmarc.malformed_from or (
+            config.temperror_action == "tempfail" and policy is not Policy.NONE
+        ):
             return Decision(
                 Disposition.NONE,
                 Action.TEMPFAIL,

@@ -144,7 +144,12 @@ def select_record(
     return parse_record(found[0], np_supported=np_supported), 1
 
 
-@functools.lru_cache(maxsize=4096)
+# Records longer than this are parsed every time rather than cached: the
+# cache is keyed by the text, and 4096 attacker records of 64 KB would hold
+# 256 MB.  Honest records are a few hundred characters.
+MAX_CACHED_RECORD_CHARS = 1024
+
+
 def parse_record(text: str, *, np_supported: bool = True) -> DMARCRecord:
     """Parse one DMARC record; never raises.
 
@@ -152,7 +157,16 @@ def parse_record(text: str, *, np_supported: bool = True) -> DMARCRecord:
     method, where ``np`` does not exist: it is then an unknown tag, ignored,
     and an invalid np cannot spoil the record.
     """
+    if len(text) > MAX_CACHED_RECORD_CHARS:
+        return _parse(text, np_supported)
+    return _parse_cached(text, np_supported)
+
+
+def _parse(text: str, np_supported: bool) -> DMARCRecord:
     return _Parser(text, _KNOWN_TAGS if np_supported else _KNOWN_TAGS_NO_NP).parse()
+
+
+_parse_cached = functools.lru_cache(maxsize=4096)(_parse)
 
 
 class _Parser:

@@ -148,3 +148,8 @@ class AuthorResult:
     domain: str | None = None  # A-label, lower case, no trailing dot
     addresses: tuple[str, ...] = ()  # every address found, as written
     reason: str = ""
+    # Out of scope only: the domains a lenient mail reader would still show
+    # as the author (RFC 9989 §11.5), A-labels, and whether the search for
+    # them stopped at a bound before the end (see author.recover_domains).
+    recovered: tuple[str, ...] = ()
+    recovery_incomplete: bool = False

@@ -432,3 +432,94 @@ def test_well_formed_address_gives_its_domain(local: str, labels: list[str], nam
     result = parse_from(value)
     assert result.status is OK, result.reason
     assert result.domain == domain
+
+
+# -- domains recovered from an out-of-scope From (RFC 9989 §11.5) -------------------------
+
+# (id, From field values, recovered domains, incomplete)
+RECOVERY: list[tuple[str, list[str], tuple[str, ...], bool]] = [
+    ("unterminated comment", ["CEO <ceo@bank.example> ("], ("bank.example",), False),
+    ("extra closing angle", ["CEO <ceo@bank.example>>"], ("bank.example",), False),
+    ("same field twice", ["CEO <ceo@bank.example>"] * 2, ("bank.example",), False),
+    ("valid and garbage", ["ceo@bank.example", "(("], ("bank.example",), False),
+    ("unterminated quote", ['"CEO <ceo@bank.example>'], ("bank.example",), False),
+    (
+        "address in an unterminated comment",
+        ["attacker@evil.example (<ceo@bank.example>"],
+        ("evil.example", "bank.example"),
+        False,
+    ),
+    ("two domains", ["a@evil.example, b@bank.example"], ("evil.example", "bank.example"), False),
+    (
+        "two fields, two domains",
+        ["a@evil.example", "B <b@bank.example>"],
+        ("evil.example", "bank.example"),
+        False,
+    ),
+    ("case differences", ["a@BANK.example", "b@bank.EXAMPLE"], ("bank.example",), False),
+    ("u-label", ["CEO <ceo@b\u00e4nk.example>>"], ("xn--bnk-qla.example",), False),
+    ("folded", ["CEO\r\n <ceo@bank\r\n .example>>"], ("bank.example",), False),
+    ("group", ["Board: <ceo@bank.example>>;"], ("bank.example",), False),
+    # A complete comment, quoted string or encoded word supplies no address,
+    # as in an in-scope field.
+    (
+        "encoded word",
+        ["=?utf-8?q?ceo=40bank.example?= <a@evil.example>>"],
+        ("evil.example",),
+        False,
+    ),
+    ("comment", ["a@evil.example (ceo@bank.example)>"], ("evil.example",), False),
+    ("quoted", ['"ceo@bank.example" <a@evil.example>>'], ("evil.example",), False),
+    # Literals and invalid names are skipped.
+    ("literal", ["a@[192.0.2.1], b@bank.example"], ("bank.example",), False),
+    ("no domain", ["undisclosed-recipients:;", "nobody"], (), False),
+    # Bounds.
+    (
+        "domain cap",
+        [", ".join(f"u@d{i}.example" for i in range(7))],
+        tuple(f"d{i}.example" for i in range(author.MAX_RECOVERED_DOMAINS)),
+        True,
+    ),
+    ("field cap, the last is read", ["junk"] * 30 + ["ceo@bank.example"], ("bank.example",), True),
+    (
+        "field length cap",
+        ["ceo@bank.example, " + "x" * MAX_FIELD_CHARS + "@late.example"],
+        ("bank.example",),
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "recovered", "incomplete"),
+    [case[1:] for case in RECOVERY],
+    ids=[case[0] for case in RECOVERY],
+)
+def test_recovered_domains(values: list[str], recovered: tuple[str, ...], incomplete: bool) -> None:
+    result = extract_author([("From", v) for v in values])
+    assert not result.status.in_scope
+    assert (result.recovered, result.recovery_incomplete) == (recovered, incomplete)
+
+
+def test_in_scope_from_recovers_nothing() -> None:
+    result = extract_author(frm("attacker@evil.example (ceo@bank.example)"))
+    assert (result.status, result.domain, result.recovered) == (OK, "evil.example", ())
+
+
+def test_recovery_is_bounded_in_characters() -> None:
+    # Ten fields just under the per-field cap: the total is cut at the byte budget.
+    # The first fields fill MAX_RECOVERY_CHARS; the last ones, read because
+    # readers show the last From, are then not read at all.
+    field = "ceo@bank.example, " + "z" * (MAX_FIELD_CHARS - 40)
+    late = "ceo@late.example"
+    domains, incomplete = author.recover_domains([field] * 20 + [late])
+    assert domains == ("bank.example",) and incomplete
+    assert author.MAX_RECOVERY_CHARS < 5 * MAX_FIELD_CHARS  # the budget binds before the fields
+
+
+@given(st.lists(st.text(max_size=200), min_size=2, max_size=12))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_recovery_never_raises_and_stays_bounded(values: list[str]) -> None:
+    result = extract_author([("From", v) for v in values])
+    assert len(result.recovered) <= author.MAX_RECOVERED_DOMAINS
+    assert all(d == d.lower() and d.isascii() for d in result.recovered)

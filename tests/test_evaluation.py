@@ -297,18 +297,43 @@ def _raw(*headers: str, body: str = "hi\r\n") -> bytes:
 @pytest.mark.parametrize(
     ("message", "status"),
     [
-        (_raw("From: a@example.com", "From: b@example.com", "To: u@r.example"), "multiple_from"),
-        (_raw("From: a@example.com, b@example.org", "To: u@r.example"), "multiple_domains"),
         (_raw("To: u@r.example", "Subject: no from"), "no_from"),
         (_raw("From: undisclosed:;", "To: u@r.example"), "no_domain"),
     ],
 )
-def test_out_of_scope_from_is_permerror_and_accepted_by_default(
+def test_out_of_scope_from_without_a_domain_is_permerror_and_accepted(
     sc: Scenario, message: bytes, status: str
 ) -> None:
     sc.zone(dmarc("v=DMARC1; p=reject"))
     ev, dec = sc.run(message, ip=BAD_IP)
     assert ev.author.status.value == status
+    assert ev.dmarc.result is DMARCResultCode.PERMERROR
+    assert dec.action is Action.ACCEPT and dec.reply is None
+
+
+@pytest.mark.parametrize(
+    ("message", "status"),
+    [
+        (_raw("From: a@example.com", "From: b@example.com", "To: u@r.example"), "multiple_from"),
+        (_raw("From: a@example.com, b@example.org", "To: u@r.example"), "multiple_domains"),
+        (_raw("From: CEO <ceo@example.com>>", "To: u@r.example"), "no_domain"),
+    ],
+)
+def test_out_of_scope_from_naming_a_p_reject_domain_is_not_delivered_unmarked(
+    sc: Scenario, message: bytes, status: str
+) -> None:
+    sc.zone(dmarc("v=DMARC1; p=reject"))
+    ev, dec = sc.run(message, ip=BAD_IP)
+    assert ev.author.status.value == status
+    assert ev.dmarc.result is DMARCResultCode.FAIL
+    assert ev.dmarc.author_domain == "example.com"
+    assert dec.action is Action.QUARANTINE
+
+
+def test_out_of_scope_from_can_be_accepted_as_before(sc: Scenario) -> None:
+    sc.zone(dmarc("v=DMARC1; p=reject"))
+    config = dataclasses.replace(sc.config, policy=PolicyConfig(out_of_scope="accept"))
+    ev, dec = sc.run(_raw("From: a@example.com", "From: b@example.com"), ip=BAD_IP, config=config)
     assert ev.dmarc.result is DMARCResultCode.PERMERROR
     assert dec.action is Action.ACCEPT and dec.reply is None
 

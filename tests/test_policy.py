@@ -53,11 +53,17 @@ def run(dns_server: TestDNSServer, resolver: Resolver) -> Evaluator:
     dns_server.set_zone(ZONE)
 
     def evaluate_message(
-        message: bytes, envelope: tuple[str, str, str] = BAD, sealers: tuple[str, ...] = ()
+        message: bytes,
+        envelope: tuple[str, str, str] = BAD,
+        policy: PolicyConfig | None = None,
+        sealers: tuple[str, ...] = (),
     ) -> Evaluation:
+        policy = policy or PolicyConfig()
+        if sealers:
+            policy = dataclasses.replace(policy, trusted_arc_sealers=sealers)
         config = Config(
             dns=DNSConfig(nameservers=("127.0.0.1",), port=dns_server.port, timeout=0.3),
-            policy=PolicyConfig(trusted_arc_sealers=sealers),
+            policy=policy,
         )
         env = Envelope.create(*envelope, ["user@receiver.example"], "4QID")
         return evaluate(env, Message.from_bytes(message), resolver.session(), config, now=NOW)
@@ -179,10 +185,130 @@ def test_temperror_accepts_or_tempfails(run: Evaluator) -> None:
 
 def test_out_of_scope_from(run: Evaluator) -> None:
     two = b"From: a@example.com\r\nFrom: b@example.org\r\n\r\nhi\r\n"
-    assert decide(run(two), PolicyConfig()).action is Action.ACCEPT
-    decision = decide(run(two), PolicyConfig(out_of_scope="reject"))
+    accept = PolicyConfig(out_of_scope="accept")
+    decision = decide(run(two, policy=accept), accept)
+    assert decision.action is Action.ACCEPT
+    reject = PolicyConfig(out_of_scope="reject")
+    decision = decide(run(two, policy=reject), reject)
     assert decision.action is Action.REJECT and decision.reply is not None
     assert decision.reply.code == "550"
+
+
+@pytest.mark.parametrize(
+    ("message", "domain", "action"),
+    [
+        # Two From fields: example.com's p=reject is stricter than
+        # example.org's p=quarantine, and is handled as quarantine (section 8).
+        (b"From: a@example.org\r\nFrom: b@example.com\r\n\r\nhi\r\n", "example.com", "quarantine"),
+        # The same field twice: the one domain is clear.
+        (
+            b"From: <ceo@example.org>\r\nFrom: <ceo@example.org>\r\n\r\nhi\r\n",
+            "example.org",
+            "quarantine",
+        ),
+        # Unparseable fields that still show the victim.
+        (b"From: CEO <ceo@example.org> (\r\n\r\nhi\r\n", "example.org", "quarantine"),
+        (b"From: CEO <ceo@example.org>>\r\n\r\nhi\r\n", "example.org", "quarantine"),
+        # p=none plus p=quarantine: quarantine applies.
+        (b"From: a@relaxed.example, b@example.org\r\n\r\nhi\r\n", "example.org", "quarantine"),
+        # Only p=none: handling does not change.
+        (b"From: a@relaxed.example>\r\n\r\nhi\r\n", "relaxed.example", "accept"),
+    ],
+)
+def test_out_of_scope_from_is_evaluated_for_each_recovered_domain(
+    run: Evaluator, message: bytes, domain: str, action: str
+) -> None:
+    evaluation = run(message)
+    assert not evaluation.author.status.in_scope
+    assert evaluation.dmarc.result.value == "fail"
+    assert evaluation.dmarc.author_domain == domain
+    assert evaluation.dmarc.malformed_from == evaluation.author.reason
+    assert decide(evaluation, PolicyConfig()).action.value == action
+
+
+def test_out_of_scope_from_that_passes_for_its_one_domain(run: Evaluator) -> None:
+    message = signed().replace(b"From: ", b"From: alice@example.com\r\nFrom: ", 1)
+    evaluation = run(message, GOOD)
+    assert evaluation.author.status.value == "multiple_from"
+    assert (evaluation.dmarc.result.value, evaluation.dmarc.author_domain) == (
+        "pass",
+        "example.com",
+    )
+    assert decide(evaluation, PolicyConfig()) == Decision(Disposition.PASS, Action.ACCEPT)
+
+
+def test_out_of_scope_from_passing_for_one_domain_fails_for_the_other(run: Evaluator) -> None:
+    # The attacker's own domain passes; the victim's still fails, and wins.
+    message = signed().replace(b"From: ", b"From: ceo@example.org\r\nFrom: ", 1)
+    evaluation = run(message, GOOD)
+    assert (evaluation.dmarc.result.value, evaluation.dmarc.author_domain) == (
+        "fail",
+        "example.org",
+    )
+    assert decide(evaluation, PolicyConfig()).action is Action.QUARANTINE
+
+
+def test_out_of_scope_from_with_a_temperror_domain(run: Evaluator) -> None:
+    evaluation = run(b"From: a@slow.example, b@relaxed.example\r\n\r\nhi\r\n")
+    assert (evaluation.dmarc.result.value, evaluation.dmarc.author_domain) == (
+        "temperror",
+        "slow.example",
+    )
+    # Deferred even with temperror_action = "accept": the unchecked domain
+    # may be the one a reader sees.
+    decision = decide(evaluation, PolicyConfig())
+    assert decision.action is Action.TEMPFAIL and decision.reply is not None
+    assert decision.reply.code == "451"
+    # ...but a certain p=quarantine failure is not softened by it.
+    evaluation = run(b"From: a@slow.example, b@example.org\r\n\r\nhi\r\n")
+    assert (evaluation.dmarc.result.value, evaluation.dmarc.author_domain) == (
+        "fail",
+        "example.org",
+    )
+
+
+def test_out_of_scope_from_past_the_domain_cap_fails_closed(run: Evaluator) -> None:
+    # Five domains without a policy, then passing ones with p=reject: the
+    # search stops at five, and what was found is enforced as a failure.
+    message = signed().replace(
+        b"From: ",
+        b"From: " + b", ".join(b"u@n%d.example" % i for i in range(6)) + b"\r\nFrom: ",
+        1,
+    )
+    evaluation = run(message, GOOD)
+    assert evaluation.author.recovery_incomplete
+    assert evaluation.dmarc.result.value == "permerror"  # nothing with a policy was seen
+    decision = decide(evaluation, PolicyConfig())  # but the victim may be unevaluated
+    assert decision.action is Action.REJECT and decision.reply is not None
+    assert decision.reply.code == "550"
+    message = signed().replace(
+        b"From: ",
+        b"From: alice@example.com, "
+        + b", ".join(b"u@n%d.example" % i for i in range(6))
+        + b"\r\nFrom: ",
+        1,
+    )
+    evaluation = run(message, GOOD)
+    assert evaluation.author.recovery_incomplete
+    assert (evaluation.dmarc.result.value, evaluation.dmarc.author_domain) == (
+        "fail",
+        "example.com",
+    )
+    assert "not every domain evaluated" in evaluation.dmarc.reason
+    decision = decide(evaluation, PolicyConfig())
+    assert decision.action is Action.QUARANTINE
+    # example.com itself passed: treating it as a failure is reported.
+    assert (decision.reasons[0].reason.value, decision.reasons[0].comment) == (
+        "local_policy",
+        "pass treated as fail: the From field names more domains than were evaluated",
+    )
+
+
+def test_out_of_scope_from_without_a_recoverable_domain(run: Evaluator) -> None:
+    evaluation = run(b"From: undisclosed-recipients:;\r\nFrom: nobody\r\n\r\nhi\r\n")
+    assert evaluation.dmarc.result.value == "permerror"
+    assert evaluation.dmarc.author_domain is None
+    assert decide(evaluation, PolicyConfig()).action is Action.ACCEPT
 
 
 def test_monitor_mode_never_acts(run: Evaluator) -> None:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from dmarcmilter import record as record_module
 from dmarcmilter.record import (
     AlignmentMode,
     DMARCRecord,
@@ -611,6 +612,6 @@ def test_parse_is_fast() -> None:
     ]
     start = time.perf_counter()
     for text in texts:
-        parse_record.__wrapped__(text)
+        record_module._parse(text, True)  # the parse without the cache
     per_record = (time.perf_counter() - start) / len(texts)
     assert per_record < 0.0005

@@ -142,7 +142,10 @@ def render(evaluation: Evaluation, authserv_id: str, fold: str = "\n\t") -> str:
     results.append(_resinfo("arc", arc.result.value))
 
     dmarc = evaluation.dmarc
-    explain = dmarc.result in (DMARCResultCode.TEMPERROR, DMARCResultCode.PERMERROR)
+    explain = (
+        dmarc.result in (DMARCResultCode.TEMPERROR, DMARCResultCode.PERMERROR)
+        or dmarc.malformed_from != ""
+    )
     # policy.dmarc is the policy evaluated; with no verdict none was.
     verdict = dmarc.result in (DMARCResultCode.PASS, DMARCResultCode.FAIL)
     results.append(

@@ -17,6 +17,8 @@ elsewhere (MySQL) they are read back by key, which is indexed.
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -236,16 +238,26 @@ class _UnnestStatement(_Statement):
         return None
 
 
-_statements: dict[tuple[int, str], _Statement] = {}
+# Statements per dialect object, then per table.  Keyed by the object
+# itself, weakly: an ``id()`` key outlives its dialect, and CPython hands
+# the same id to the next object allocated there, so a dialect of another
+# database (another paramstyle, quoting or RETURNING support) would be
+# served the freed one's SQL.  An engine's dialect lives as long as the
+# engine; a statement holds no reference back to it.
+_statements: weakref.WeakKeyDictionary[Dialect, dict[str, _Statement]] = weakref.WeakKeyDictionary()
+_statements_lock = threading.Lock()
 
 
 def _statement(dialect: Dialect, table: Table) -> _Statement:
-    key = (id(dialect), table.name)
-    statement = _statements.get(key)
-    if statement is None:
-        kind = _UnnestStatement if dialect.name == "postgresql" else _Statement
-        statement = _statements[key] = kind(table, dialect)
-    return statement
+    with _statements_lock:
+        tables = _statements.get(dialect)
+        if tables is None:
+            tables = _statements[dialect] = {}
+        statement = tables.get(table.name)
+        if statement is None:
+            kind = _UnnestStatement if dialect.name == "postgresql" else _Statement
+            statement = tables[table.name] = kind(table, dialect)
+        return statement
 
 
 def _stored_keys(conn: Connection, keys: list[str]) -> set[str]:

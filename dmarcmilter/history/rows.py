@@ -23,6 +23,18 @@ from ..record import DMARCRecord
 from ..results import DKIMResultCode
 from .models import DKIMResultRow, MessageRow, OverrideReasonRow
 
+# What a row stores of a value an attacker chooses (his DNS, his SMTP
+# dialogue, his headers), in UTF-8 bytes.  A value past its cap is cut and
+# ends with TRUNCATED; a list is cut between items and says how many were
+# left out.  Honest values are far below every cap; without them one 60 KB
+# DMARC record or HELO name would be copied into every row of the history.
+MAX_NAME_BYTES = 255  # helo, queue_id, envelope and SPF domains, DKIM d= and s=
+MAX_TEXT_BYTES = 512  # free text: a DKIM result's reason, an override comment
+MAX_URI_LIST_BYTES = 2048  # rua and ruf: whole URIs only, never a cut address
+MAX_ERRORS_BYTES = 2048  # record_errors: whole problem lines
+MAX_DKIM_RESULTS = 20  # DKIM results per row, in report order (aligned passes first)
+TRUNCATED = " [truncated]"
+
 # The keys of a row dict that are columns of ``messages``; the rest
 # (dkim_results, override_reasons) are its child rows.
 MESSAGE_COLUMNS = tuple(c.name for c in MessageRow.__table__.columns if c.name != "id")
@@ -52,22 +64,26 @@ def message_row(
     env = evaluation.envelope
     dmarc = evaluation.dmarc
     spf = dmarc.spf.spf
-    dkim = [_dkim(v) for v in _report_order(dmarc.dkim)]
-    reasons = [{"type": r.reason.value, "comment": _text(r.comment)} for r in decision.reasons]
+    dkim = _dkim_results(_report_order(dmarc.dkim))
+    reasons = [
+        {"type": r.reason.value, "comment": _stored(r.comment, MAX_TEXT_BYTES)}
+        for r in decision.reasons
+    ]
     method = dmarc.discovery_method
     policy = dmarc.policy
     row = {
         "idempotency_key": key or new_idempotency_key(),
         "arrived_at": evaluation.evaluated_at.astimezone(dt.UTC).isoformat(),
-        "queue_id": _text(env.queue_id),
+        "queue_id": _stored(env.queue_id, MAX_NAME_BYTES),
         # A link-local zone ("fe80::1%eth0") is local detail, and RFC 9990
         # source_ip is an RFC 3986 address, which has no zone.
         "client_ip": env.client_ip.partition("%")[0],
-        "helo": _text(env.helo),
+        "helo": _stored(env.helo, MAX_NAME_BYTES),
         "envelope_from_domain": _address_domain(env.mail_from),
         # Only the first recipient: see the column's comment in models.py.
         "envelope_to_domain": _address_domain(env.rcpt_to[0]) if env.rcpt_to else None,
-        "header_from_domain": evaluation.author.domain,
+        # For a malformed From, the recovered domain whose policy applied.
+        "header_from_domain": evaluation.author.domain or dmarc.author_domain,
         "policy_domain": dmarc.policy_domain,
         "org_domain": dmarc.organizational_domain,
         **_record_columns(dmarc.record),
@@ -77,7 +93,7 @@ def message_row(
         "disposition": decision.disposition.value,
         "dkim_aligned": dmarc.dkim_aligned,
         "spf_aligned": dmarc.spf_aligned,
-        "spf_domain": _text(spf.domain),
+        "spf_domain": _stored(spf.domain, MAX_NAME_BYTES),
         "spf_scope": spf.scope.value,
         "spf_result": spf.result.value,
         "arc_result": evaluation.arc.result.value,
@@ -138,9 +154,14 @@ _record_key_values = operator.itemgetter(*RECORD_KEY_COLUMNS)
 _NO_RECORD: dict[str, Any] = dict.fromkeys(
     ("p", "sp", "np", "adkim", "aspf", "testing", "pct", "fo", "psd", "rua", "ruf", "record_errors")
 )
-# Records are parsed once per text and shared; so are their columns.
+# Records are parsed once per text and shared; so are their columns.  Only
+# records of an honest size are kept: the cache is keyed by the record's
+# text, and 10,000 keys of 60 KB would be 600 MB an attacker chose.
 _record_cache: dict[str, dict[str, Any]] = {}
 _RECORD_CACHE_SIZE = 10_000
+# A record longer than this is not cached, and the writer turns its
+# evaluation into a row before queueing it (honest records are < 300).
+LARGE_RECORD_CHARS = 1024
 
 
 def _record_columns(record: DMARCRecord | None) -> dict[str, Any]:
@@ -148,6 +169,14 @@ def _record_columns(record: DMARCRecord | None) -> dict[str, Any]:
         return _NO_RECORD
     columns = _record_cache.get(record.raw)
     if columns is None:
+        rua, rua_left = _uri_list(record.rua)
+        ruf, ruf_left = _uri_list(record.ruf)
+        problems = list(record.problems)
+        # Said where a reader of the history (and of the report's errors) sees it.
+        if rua_left:
+            problems.insert(0, f"rua: {rua_left} more URIs not stored")
+        if ruf_left:
+            problems.insert(0, f"ruf: {ruf_left} more URIs not stored")
         columns = {
             "p": record.p.value,
             "sp": record.sp.value if record.sp else None,
@@ -159,14 +188,47 @@ def _record_columns(record: DMARCRecord | None) -> dict[str, Any]:
             "fo": record.fo,
             "psd": record.psd.value,
             # From DNS, so possibly not UTF-8: see _text.
-            "rua": _text(",".join(record.rua)),
-            "ruf": _text(",".join(record.ruf)),
-            "record_errors": _text("\n".join(record.problems)) if record.problems else None,
+            "rua": rua,
+            "ruf": ruf,
+            "record_errors": _lines(problems, MAX_ERRORS_BYTES) if problems else None,
         }
-        if len(_record_cache) >= _RECORD_CACHE_SIZE:
-            _record_cache.clear()
-        _record_cache[record.raw] = columns
+        if len(record.raw) <= LARGE_RECORD_CHARS:
+            if len(_record_cache) >= _RECORD_CACHE_SIZE:
+                _record_cache.clear()
+            _record_cache[record.raw] = columns
     return columns
+
+
+def _uri_list(uris: tuple[str, ...]) -> tuple[str, int]:
+    """The comma-joined URIs that fit MAX_URI_LIST_BYTES, in published
+    order, and how many were left out.  A URI is kept whole or not at all:
+    a cut ``mailto:`` could name another mailbox, and the report job would
+    send to it."""
+    kept: list[str] = []
+    size = 0
+    for n, uri in enumerate(uris):
+        uri = _text(uri)
+        size += len(uri.encode("utf-8")) + (1 if kept else 0)
+        if size > MAX_URI_LIST_BYTES:
+            return ",".join(kept), len(uris) - n
+        kept.append(uri)
+    return ",".join(kept), 0
+
+
+def _lines(lines: list[str], limit: int) -> str:
+    """Newline-joined ``lines``, each capped, cut between lines to ``limit``
+    bytes with a last line saying how many were left out."""
+    kept: list[str] = []
+    size = 0
+    room = limit - 40  # for the closing line
+    for n, line in enumerate(lines):
+        line = _stored(line, MAX_TEXT_BYTES)
+        size += len(line.encode("utf-8")) + (1 if kept else 0)
+        if size > room:
+            kept.append(f"[{len(lines) - n} more not stored]")
+            break
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def message_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -203,13 +265,26 @@ def message_from_row(row: dict[str, Any]) -> MessageRow:
     return message
 
 
+def _dkim_results(verdicts: list[DKIMVerdict]) -> list[dict[str, str]]:
+    """The DKIM child rows: at most MAX_DKIM_RESULTS; the last one kept says
+    how many more there were."""
+    results = [_dkim(v) for v in verdicts[:MAX_DKIM_RESULTS]]
+    left = len(verdicts) - MAX_DKIM_RESULTS
+    if left > 0:
+        last = results[-1]
+        last["human_result"] = _stored(
+            f"[{left} more signatures not stored] {last['human_result']}", MAX_TEXT_BYTES
+        )
+    return results
+
+
 def _dkim(verdict: DKIMVerdict) -> dict[str, str]:
     sig = verdict.signature
     return {
-        "domain": _text(sig.domain),
-        "selector": _text(sig.selector),
+        "domain": _stored(sig.domain, MAX_NAME_BYTES),
+        "selector": _stored(sig.selector, MAX_NAME_BYTES),
         "result": sig.result.value,
-        "human_result": _text(sig.reason),
+        "human_result": _stored(sig.reason, MAX_TEXT_BYTES),
     }
 
 
@@ -244,6 +319,18 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def _stored(value: str, limit: int) -> str:
+    """``value`` as a row stores it: database-safe (see _text) and at most
+    ``limit`` UTF-8 bytes, ending with TRUNCATED when it was cut."""
+    value = _text(value)
+    if len(value) <= limit // 4:
+        return value  # no character is more than four bytes
+    data = value.encode("utf-8")
+    if len(data) <= limit:
+        return value
+    return data[: limit - len(TRUNCATED)].decode("utf-8", "ignore") + TRUNCATED
+
+
 def _address_domain(address: str) -> str | None:
     """The domain of an envelope address; "" for the null reverse-path."""
     if not address:
@@ -251,4 +338,4 @@ def _address_domain(address: str) -> str | None:
     _local, at, domain = address.rpartition("@")
     if not at or not domain:
         return None
-    return _text(domain.rstrip(".").lower())
+    return _stored(domain.rstrip(".").lower(), MAX_NAME_BYTES)

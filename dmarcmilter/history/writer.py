@@ -40,7 +40,7 @@ from ..evaluation import Evaluation
 from ..policy import Decision
 from . import db
 from .bulk import insert_rows
-from .rows import message_row
+from .rows import LARGE_RECORD_CHARS, message_row
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("dmarcmilter.history")
@@ -185,6 +185,14 @@ class HistoryWriter:
     def enqueue(self, evaluation: Evaluation, decision: Decision) -> None:
         """Hand over one evaluated message.  Never blocks on the database,
         never raises."""
+        record = evaluation.dmarc.record
+        if record is not None and len(record.raw) > LARGE_RECORD_CHARS:
+            # Queued as its capped row, built now: a queue of evaluations
+            # would hold each attacker's DMARC record whole, up to 64 KB
+            # apiece and queue_size of them while the database is slow.
+            for row in self._rows([(evaluation, decision)]):
+                self._put(row)
+            return
         self._put((evaluation, decision))
 
     def enqueue_row(self, row: dict[str, Any]) -> None:
