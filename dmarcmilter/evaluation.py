@@ -16,13 +16,13 @@ from .arc import verify_arc
 from .author import extract_author
 from .config import Config
 from .discovery import Discoverer, DiscoveryMethod, load_psl
-from .dkim import unverified, verify_dkim
-from .dmarc import DMARCOutcome, evaluate_dmarc
+from .dkim import DKIMVerifier, unverified
+from .dmarc import DMARCOutcome, aligner_for, evaluate_dmarc
 from .errors import InputError
 from .message import Message
 from .resolver import DNSSession, Resolver, ResolverSettings
-from .results import ARCOutcome, AuthorResult, DKIMOutcome, SPFOutcome
-from .spf import check_spf
+from .results import ARCOutcome, AuthorResult, DKIMOutcome, SPFOutcome, SPFResult
+from .spf import check_spf, mail_from_domain
 
 LIST_HEADERS = ("list-id", "list-post")
 
@@ -105,34 +105,73 @@ def evaluate(
     method = DiscoveryMethod(config.dmarc.discovery_method)
     psl = load_psl(config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
 
-    # 1. The Author Domain (§4.2) decides whether DMARC can apply at all.
+    # The order of the lookups is a security property.  The message's DNS
+    # budget (dns.budget) is spent first on what the DMARC result needs and
+    # an attacker cannot choose, and only then on names the attacker picked
+    # (a DKIM d= or MAIL FROM of his own, ARC sealers, the HELO name): those
+    # may time out, one per-query timeout each, and must not starve the
+    # author's policy.  A lookup past the budget gives temperror for its own
+    # check only, which then shows in Authentication-Results; it cannot
+    # change the DMARC result, as dmarc.could_align rules those names out.
+    #
+    # 1. The Author Domain (§4.2) decides whether DMARC can apply at all;
+    #    then its policy discovery and Organizational Domain walk.
     author = extract_author(message.headers)
-    # 2-3. The Authenticated Identifiers: SPF on MAIL FROM (and HELO), DKIM on
-    # every signature.  ARC is recorded for local policy (trusted forwarders).
+    discoverer = Discoverer(session, method, psl)
+    aligner = aligner_for(author, discoverer)
+    spf_matters = aligner is not None and aligner.spf_could_align(
+        mail_from_domain(envelope.helo, envelope.mail_from)
+    )
+
+    def dkim_matters(domain: str) -> bool:
+        return aligner is not None and aligner.dkim_could_align(domain)
+
+    # 2. SPF on a MAIL FROM that could align, and DKIM signatures whose d=
+    #    could align (the first ones verified: max_signatures counts them first).
+    spf: SPFOutcome | None = None
+    mfrom: SPFResult | None = None
     if upstream is not None and upstream.spf is not None:
         spf = upstream.spf
+    elif spf_matters:
+        mfrom = check_spf(
+            session, envelope.client_ip, envelope.helo, envelope.mail_from, check_helo=False
+        ).mfrom
+    verifier: DKIMVerifier | None = None
+    dkim: DKIMOutcome | None = None
+    if upstream is not None and upstream.dkim is not None:
+        dkim = upstream.dkim
+    elif body_cut_at is not None:
+        dkim = unverified(message.raw, f"body larger than {body_cut_at} bytes was not verified")
     else:
+        verifier = DKIMVerifier(
+            message.raw,
+            max_signatures=config.dkim.max_signatures,
+            min_key_bits=config.dkim.min_key_bits,
+        )
+        verifier.verify(session, dkim_matters)
+    # 3. The Organizational Domain walks of those identifiers (§4.4).
+    if aligner is not None:
+        early = verifier.outcome() if verifier is not None else dkim
+        aligner.settle(spf.mfrom if spf is not None else mfrom, early.signatures if early else ())
+    # 4. What DMARC does not need, with the budget left: ARC (for local
+    #    policy's trusted forwarders), SPF on a MAIL FROM that cannot align
+    #    and on HELO, then the other DKIM signatures.
+    arc = verify_arc(message.raw, session)
+    if spf is None:
         spf = check_spf(
             session,
             envelope.client_ip,
             envelope.helo,
             envelope.mail_from,
             check_helo=config.spf.check_helo,
+            mfrom=mfrom,
         )
-    if upstream is not None and upstream.dkim is not None:
-        dkim = upstream.dkim
-    elif body_cut_at is not None:
-        dkim = unverified(message.raw, f"body larger than {body_cut_at} bytes was not verified")
-    else:
-        dkim = verify_dkim(
-            message.raw,
-            session,
-            max_signatures=config.dkim.max_signatures,
-            min_key_bits=config.dkim.min_key_bits,
-        )
-    arc = verify_arc(message.raw, session)
-    # 4-5. Policy discovery, alignment and the DMARC result.
-    dmarc = evaluate_dmarc(author, spf, dkim, Discoverer(session, method, psl))
+    if verifier is not None:
+        verifier.verify(session)
+        dkim = verifier.outcome()
+    assert dkim is not None
+    # 5. The DMARC result: every answer it needs is memoised by now.
+    dmarc = evaluate_dmarc(author, spf, dkim, discoverer)
     mailing_list = any(name.lower() in LIST_HEADERS for name, _ in message.headers)
     return Evaluation(envelope, author, spf, dkim, arc, dmarc, evaluated_at, mailing_list)
 
@@ -146,5 +185,6 @@ def resolver_from_config(config: Config) -> Resolver:
             query_timeout=dns.timeout,
             message_budget=dns.budget,
             cache_entries=dns.cache_entries,
+            cache_bytes=dns.cache_bytes,
         )
     )

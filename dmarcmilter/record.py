@@ -144,7 +144,12 @@ def select_record(
     return parse_record(found[0], np_supported=np_supported), 1
 
 
-@functools.lru_cache(maxsize=4096)
+# Records longer than this are parsed every time rather than cached: the
+# cache then holds at most 4096 x 2 KiB of record text, whatever records an
+# attacker's domains publish (a TXT answer can be 64 KiB).
+_CACHED_RECORD_CHARS = 2048
+
+
 def parse_record(text: str, *, np_supported: bool = True) -> DMARCRecord:
     """Parse one DMARC record; never raises.
 
@@ -152,6 +157,17 @@ def parse_record(text: str, *, np_supported: bool = True) -> DMARCRecord:
     method, where ``np`` does not exist: it is then an unknown tag, ignored,
     and an invalid np cannot spoil the record.
     """
+    if len(text) > _CACHED_RECORD_CHARS:
+        return _parse_record(text, np_supported)
+    return _parse_record_cached(text, np_supported)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_record_cached(text: str, np_supported: bool) -> DMARCRecord:
+    return _parse_record(text, np_supported)
+
+
+def _parse_record(text: str, np_supported: bool) -> DMARCRecord:
     return _Parser(text, _KNOWN_TAGS if np_supported else _KNOWN_TAGS_NO_NP).parse()
 
 

@@ -14,6 +14,7 @@ from dmarcmilter.record import (
     Policy,
     PSDFlag,
     RecordStatus,
+    _parse_record,
     is_dmarc_record,
     parse_record,
     select_record,
@@ -611,6 +612,6 @@ def test_parse_is_fast() -> None:
     ]
     start = time.perf_counter()
     for text in texts:
-        parse_record.__wrapped__(text)
+        _parse_record(text, True)
     per_record = (time.perf_counter() - start) / len(texts)
     assert per_record < 0.0005
