@@ -118,9 +118,11 @@ def answer_size(answer: DNSAnswer) -> int:
     plus a fixed overhead per entry and per record."""
     size = ENTRY_OVERHEAD_BYTES + len(answer.qname) + len(answer.detail)
     for rec in answer.records:
-        size += 64  # the record's tuple or string object
+        size += 64  # the record's tuple or string object and its slot
         if isinstance(rec, tuple):
-            size += sum(len(x) if isinstance(x, (bytes, str)) else 32 for x in rec)
+            # Each character-string is a bytes object of its own (33 bytes
+            # of header on CPython) in a tuple slot.
+            size += sum(48 + (len(x) if isinstance(x, (bytes, str)) else 0) for x in rec)
         elif isinstance(rec, str):
             size += len(rec)
         else:
@@ -257,8 +259,11 @@ class Resolver:
             )
         except dns.resolver.LifetimeTimeout:
             return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
-        except dns.resolver.NoNameservers as exc:
-            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail=_short(exc))
+        except dns.resolver.NoNameservers:
+            # dnspython's text names our resolvers' addresses and ports, which
+            # must not reach headers of delivered mail (reason= in A-R); the
+            # status says what happened.
+            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail="server failure")
         except dns.exception.Timeout:
             return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
         except dns.exception.DNSException as exc:
