@@ -292,12 +292,34 @@ class DNSSession:
     resolver: Resolver
     budget: float
     log: list[QueryLogEntry] = field(default_factory=list)
+    # The session a capped() view was made from; None for a message's own.
+    parent: DNSSession | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.deadline = time.monotonic() + self.budget
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def capped(self, seconds: float) -> DNSSession:
+        """A view of this session that may spend at most ``seconds`` more
+        (and never past this session's own deadline), logging into the same
+        query log.
+
+        For lookups an attacker chooses inside a check that matters: the
+        names the connecting client's reverse DNS returns to an SPF ``ptr``
+        mechanism, whose failures RFC 7208 §5.5 lets us skip.  When the cap
+        is spent, :meth:`spent_by_cap` tells that apart from the message's
+        own budget running out.
+        """
+        return DNSSession(
+            self.resolver, max(0.0, min(seconds, self.remaining())), self.log, parent=self
+        )
+
+    def spent_by_cap(self) -> bool:
+        """True when this capped view is spent but the message's budget is not."""
+        parent = self.parent
+        return parent is not None and self.remaining() <= 0 < parent.remaining()
 
     def query(self, qname: str, rdtype: str) -> DNSAnswer:
         qname = qname.rstrip(".").lower()

@@ -98,9 +98,27 @@ class _Query(spf.query):  # type: ignore[misc]
         # RFC 7208 §5.5: a DNS error on the PTR lookup makes "ptr" not match,
         # and one on the A/AAAA lookup of a PTR name skips that name (§7.3:
         # the p macro becomes "unknown").  pyspf turns both into temperror.
+        #
+        # The PTR answer and the names in it belong to whoever controls the
+        # client's reverse DNS, an attacker included: left alone, eleven
+        # unanswered lookups here would spend the message's budget inside a
+        # victim's SPF check and make it temperror.  So this work gets at most
+        # one query timeout of the budget; past that, names are skipped as
+        # if their lookups had failed.
+        session: DNSSession = _local.session
+        capped = session.capped(session.resolver.settings.query_timeout)
+        _local.session = capped
+        try:
+            return self._validated_ptrs(capped)
+        finally:
+            _local.session = session
+
+    def _validated_ptrs(self, capped: DNSSession) -> list[str]:
         try:
             names: list[str] = self.dns_ptr(self.i)
         except _BudgetSpent:
+            if capped.spent_by_cap():
+                return []
             raise
         except spf.TempError:
             return []
@@ -109,6 +127,8 @@ class _Query(spf.query):  # type: ignore[misc]
             try:
                 addresses = self.dns_a(ptr_name, self.A)
             except _BudgetSpent:
+                if capped.spent_by_cap():
+                    break
                 raise
             except spf.TempError:
                 continue

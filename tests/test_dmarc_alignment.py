@@ -324,3 +324,24 @@ def test_spf_on_an_aligning_mail_from_is_checked_before_attacker_lookups(
     assert ev.dmarc.result is DMARCResultCode.PASS
     asked = run.asked()
     assert asked.index("bounce.bank.example") < min(i for i, n in enumerate(asked) if "slow" in n)
+
+
+def test_attacker_reverse_dns_cannot_starve_a_victim_spf_ptr(dns_server: TestDNSServer) -> None:
+    # The victim's SPF uses "ptr"; the attacker's reverse DNS names ten
+    # hosts of his whose addresses never answer.  RFC 7208 §5.5 skips them;
+    # they get one query timeout of the budget in all, not ten.
+    ptr_names = [f"h{i}.attacker.example" for i in range(10)]
+    dns_server.set_zone(VICTIM)
+    dns_server.add_zone(
+        {
+            "bounce.bank.example": [("TXT", "v=spf1 ptr -all")],
+            "66.113.0.203.in-addr.arpa": [("PTR", name) for name in ptr_names],
+            **{name: "TIMEOUT" for name in ptr_names},
+        }
+    )
+    run = Run(dns_server, timeout=0.3, budget=1.5)
+    ev = run(from_("bank.example"), mail_from="x@bounce.bank.example")
+    assert ev.spf.mfrom.result is SPFResultCode.FAIL
+    assert ev.dmarc.result is DMARCResultCode.FAIL
+    asked = run.asked()
+    assert sum(name in ptr_names for name in asked) == 1

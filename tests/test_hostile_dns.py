@@ -248,6 +248,26 @@ def test_arc_and_helo_lookups_cannot_starve_policy_discovery(
     assert names[:2] == ["_dmarc.bank.example", "_dmarc.example"]
 
 
+def test_reverse_dns_of_the_attacker_cannot_starve_a_victim_spf_ptr(
+    start: Start, dns_server: TestDNSServer
+) -> None:
+    ptr_names = [f"h{i}.attacker.example" for i in range(10)]
+    dns_server.add_zone(
+        {
+            "bounce.bank.example": [("TXT", "v=spf1 ptr -all")],
+            "66.113.0.203.in-addr.arpa": [("PTR", name) for name in ptr_names],
+            **{name: "TIMEOUT" for name in ptr_names},
+        }
+    )
+    daemon = start(TIGHT_BUDGET)
+    dns_server.clear_log()
+    text = outcome_text(one(daemon, victim(), sender="x@bounce.bank.example"))
+    check_golden("dns_spf_ptr_attacker_reverse", text)
+    assert "spf=fail smtp.mailfrom=bounce.bank.example" in text
+    assert REJECTED in text and MARKED in text
+    assert sum(name in ptr_names for name in asked(dns_server)) == 1
+
+
 # -- finding 9: memory the attacker controls through DNS ------------------------------------
 
 BIG_KEY = "v=DKIM1; k=rsa; n=" + "z" * 60_000 + "; p=AAAA"
