@@ -336,12 +336,20 @@ class DNSSession:
                 answer = self.resolver.lookup(
                     qname, rdtype, min(self.resolver.settings.query_timeout, left)
                 )
+        records = answer.records
+        if not cached and records:
+            size = answer_size(answer)
+            if size > MAX_CACHED_ANSWER_BYTES:
+                # The log lives as long as the message; an answer too large
+                # to cache is not kept in it either, so one message holds
+                # at most one such answer at a time, however many it asks.
+                records = (f"[{size} bytes, not kept]",)
         self.log.append(
             QueryLogEntry(
                 qname,
                 rdtype,
                 answer.status,
-                answer.records,
+                records,
                 cached,
                 (time.monotonic() - start) * 1000.0,
             )

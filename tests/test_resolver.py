@@ -127,6 +127,8 @@ def test_answer_over_the_cap_is_used_but_not_cached(dns_server: TestDNSServer) -
     # Asked again each time (over UDP, then TCP after the truncated reply).
     assert dns_server.queries.count(("big.example", "TXT")) == 4
     assert r.cache_size[0] == 1
+    # Nor is it kept in the message's query log.
+    assert s.log[0].records[0] == f"[{answer_size(s.query('big.example', 'TXT'))} bytes, not kept]"
 
 
 def test_budget_spent_gives_timeout_without_querying(
