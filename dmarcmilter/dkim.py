@@ -2,9 +2,12 @@
 
 RFC 6376 §6.1 lets a verifier check any number of signatures; DMARC (RFC 9989
 §4.4.1) needs all of them, because any one aligned pass is enough.  So every
-signature is verified, top to bottom, up to a bound that keeps the work per
-message finite (RFC 6376 §8.4: signatures are cheap to add and expensive to
-check).
+signature is verified, up to a bound that keeps the work per message finite
+(RFC 6376 §8.4: signatures are cheap to add and expensive to check).  The
+evaluation verifies those whose d= could align with the Author Domain first
+(:class:`DKIMVerifier`), so junk signatures placed above them can neither push
+them past the bound nor spend the DNS budget before them; results are always
+listed in header order.
 
 The steps follow RFC 6376 §6.1: §6.1.1 validates the signature header field
 (tags, version, algorithm, i=/d= relation, From signed, expiry), §6.1.2 gets
@@ -453,11 +456,6 @@ class DKIMVerifier:
         self._domains = [
             domain_or_empty(_loose_tags(header[1]).get(b"d", b"")) for header in self._headers
         ]
-
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """The ``d=`` of each signature, in header order ("" when unusable)."""
-        return tuple(self._domains)
 
     def verify(self, session: DNSSession, select: Callable[[str], bool] | None = None) -> None:
         """Verify, top to bottom, the signatures not yet verified whose

@@ -152,7 +152,10 @@ def evaluate(
     # 3. The Organizational Domain walks of those identifiers (§4.4).
     if aligner is not None:
         early = verifier.outcome() if verifier is not None else dkim
-        aligner.settle(spf.mfrom if spf is not None else mfrom, early.signatures if early else ())
+        aligner.settle(
+            spf.mfrom if spf is not None else mfrom,
+            early.signatures if early is not None else (),
+        )
     # 4. What DMARC does not need, with the budget left: ARC (for local
     #    policy's trusted forwarders), SPF on a MAIL FROM that cannot align
     #    and on HELO, then the other DKIM signatures.
