@@ -54,6 +54,9 @@ class DNSConfig:
     timeout: float = _opt(2.0, minimum=0.05, maximum=60)
     budget: float = _opt(8.0, minimum=0.1, maximum=300)
     cache_entries: int = _opt(50_000, minimum=0, maximum=10_000_000)
+    # Bytes of answers the cache may hold (resolver.answer_size counts them);
+    # answers over 16 KiB are used but never cached.
+    cache_bytes: int = _opt(33_554_432, minimum=0, maximum=4_294_967_296)
 
 
 @dataclass(frozen=True)

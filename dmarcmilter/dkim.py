@@ -2,9 +2,12 @@
 
 RFC 6376 §6.1 lets a verifier check any number of signatures; DMARC (RFC 9989
 §4.4.1) needs all of them, because any one aligned pass is enough.  So every
-signature is verified, top to bottom, up to a bound that keeps the work per
-message finite (RFC 6376 §8.4: signatures are cheap to add and expensive to
-check).
+signature is verified, up to a bound that keeps the work per message finite
+(RFC 6376 §8.4: signatures are cheap to add and expensive to check).  The
+evaluation verifies those whose d= could align with the Author Domain first
+(:class:`DKIMVerifier`), so junk signatures placed above them can neither push
+them past the bound nor spend the DNS budget before them; results are always
+listed in header order.
 
 The steps follow RFC 6376 §6.1: §6.1.1 validates the signature header field
 (tags, version, algorithm, i=/d= relation, From signed, expiry), §6.1.2 gets
@@ -35,8 +38,8 @@ v= not 1, bad base64, bad d=/s=/c=/q=/l=/t=/x=,
 i= not within d=, From not signed, x= before t=
 unsupported a=; rsa-sha1                                permerror   6376 §6.1.1, 8301 §3.1
 key record missing (NXDOMAIN or no TXT record)          permerror   6376 §6.1.2 step 3
-key record malformed; v= not DKIM1; k= unknown or       permerror   6376 §3.6.1, §6.1.2
-not matching a=; h= excludes the hash; s= not email;
+key record malformed or over 8 KiB; v= not DKIM1;       permerror   6376 §3.6.1, §6.1.2
+k= unknown or not matching a=; h= excludes the hash; s= not email;
 t=s with i= in a subdomain
 key revoked (empty p=)                                  permerror   6376 §3.6.1, §6.1.2
 RSA key smaller than min_key_bits (or absurdly large)   permerror   8301 §3.2
@@ -102,6 +105,13 @@ CLOCK_SKEW = 300
 # moduli (and huge public exponents) only serve to make the modular
 # exponentiation slow, so they are refused.
 MAX_KEY_BITS = 8192
+# A key record (RFC 6376 §3.6.1) longer than this is a permerror.  The
+# largest key accepted (MAX_KEY_BITS RSA) is a 1.1 KB SubjectPublicKeyInfo,
+# 1.5 KB in base64 with its tags; 8 KiB leaves room for notes (n=) and
+# folding whitespace, and nothing usable is ever larger.  DNS itself allows
+# a TXT answer up to 64 KiB, which an attacker would use to make every key
+# lookup cost memory.
+MAX_KEY_RECORD_BYTES = 8192
 MAX_EXPONENT_BITS = 64
 
 _HEADER_B_LEN = 8  # RFC 6008 §4: at least 8 characters of b=
@@ -382,37 +392,109 @@ def verify_dkim(
     unsigned pass (RFC 6376 §8.2 describes why that is risky); ``now`` is the
     verification time for x=, defaulting to the clock.  Never raises.
     """
-    # Only the header section can hold a signature; a case-insensitive
-    # regex over a large body costs more than the rest of an unsigned
-    # message's evaluation.
-    end = message.find(b"\r\n\r\n")
-    if _HAS_SIGNATURE.search(message, 0, len(message) if end < 0 else end + 2) is None:
-        return DKIMOutcome()
-    clock = time.time() if now is None else now
-    try:
-        engine = _Engine(message, logger=ENGINE_LOGGER, minkey=min_key_bits)
-    except Exception:
-        # The header section follows dkimpy's parsing rules, which refuse a
-        # line that is neither a field nor a continuation (MessageFormatError)
-        # and trip over a leading continuation line (IndexError).  The
-        # signatures are still reported, each as permerror, so the A-R header
-        # shows they were there.
-        return DKIMOutcome(
-            tuple(
+    verifier = DKIMVerifier(
+        message,
+        max_signatures=max_signatures,
+        min_key_bits=min_key_bits,
+        accept_partial_body=accept_partial_body,
+        now=now,
+    )
+    verifier.verify(session)
+    return verifier.outcome()
+
+
+class DKIMVerifier:
+    """The signatures of one message, verified in as many rounds as the
+    caller wants: the evaluation first verifies the signatures whose ``d=``
+    could align with the Author Domain, and the others (whose keys an
+    attacker chooses, and may never answer) only after everything the DMARC
+    result needs.
+
+    ``max_signatures`` bounds the signatures verified in all rounds together,
+    in the order they are verified; so signatures that could align are never
+    pushed past the bound by others put above them.  The outcome lists every
+    signature in header order, whatever the order of verification; one never
+    verified is permerror ("too many signatures" past the bound, or "not
+    verified" if no round selected it).
+    """
+
+    def __init__(
+        self,
+        message: bytes,
+        *,
+        max_signatures: int = 20,
+        min_key_bits: int = 1024,
+        accept_partial_body: bool = False,
+        now: float | None = None,
+    ) -> None:
+        self._max = max_signatures
+        self._min_key_bits = min_key_bits
+        self._accept_partial_body = accept_partial_body
+        self._now = time.time() if now is None else now
+        self._engine: _Engine | None = None
+        self._headers: list[Sequence[bytes]] = []
+        self._results: list[DKIMSignatureResult | None] = []
+        self._domains: list[str] = []
+        self._verified = 0
+        # Only the header section can hold a signature; a case-insensitive
+        # regex over a large body costs more than the rest of an unsigned
+        # message's evaluation.
+        end = message.find(b"\r\n\r\n")
+        if _HAS_SIGNATURE.search(message, 0, len(message) if end < 0 else end + 2) is None:
+            return
+        try:
+            engine = _Engine(message, logger=ENGINE_LOGGER, minkey=min_key_bits)
+        except Exception:
+            # The header section follows dkimpy's parsing rules, which refuse a
+            # line that is neither a field nor a continuation (MessageFormatError)
+            # and trip over a leading continuation line (IndexError).  The
+            # signatures are still reported, each as permerror, so the A-R header
+            # shows they were there.
+            self._results = [
                 _unverifiable(value, "message header section is malformed")
                 for value in _scan_signature_values(message)
+            ]
+            return
+        self._engine = engine
+        self._headers = [h for h in engine.headers if h[0].lower() == b"dkim-signature"]
+        self._results = [None] * len(self._headers)
+        self._domains = [
+            domain_or_empty(loose_tags(header[1]).get(b"d", b"")) for header in self._headers
+        ]
+
+    def verify(self, session: DNSSession, select: Callable[[str], bool] | None = None) -> None:
+        """Verify, top to bottom, the signatures not yet verified whose
+        ``d=`` ``select`` accepts (all when None)."""
+        engine = self._engine
+        if engine is None:
+            return
+        for index, header in enumerate(self._headers):
+            if self._results[index] is not None:
+                continue
+            if select is not None and not select(self._domains[index]):
+                continue
+            if self._verified >= self._max:
+                self._results[index] = _unverifiable(header[1], "too many signatures")
+                continue
+            self._verified += 1
+            self._results[index] = _verify_one(
+                engine,
+                header,
+                session,
+                self._min_key_bits,
+                self._accept_partial_body,
+                self._now,
+            )
+
+    def outcome(self) -> DKIMOutcome:
+        return DKIMOutcome(
+            tuple(
+                result
+                if result is not None
+                else _unverifiable(self._headers[index][1], "not verified")
+                for index, result in enumerate(self._results)
             )
         )
-    sig_headers = [h for h in engine.headers if h[0].lower() == b"dkim-signature"]
-    results = []
-    for index, header in enumerate(sig_headers):
-        if index >= max_signatures:
-            results.append(_unverifiable(header[1], "too many signatures"))
-        else:
-            results.append(
-                _verify_one(engine, header, session, min_key_bits, accept_partial_body, clock)
-            )
-    return DKIMOutcome(tuple(results))
 
 
 def unverified(message: bytes, reason: str) -> DKIMOutcome:
@@ -623,11 +705,22 @@ def _fetch_key(
     return key
 
 
-@functools.lru_cache(maxsize=4096)
 def load_key(record: bytes) -> KeyRecord:
-    """Parse a key record (RFC 6376 §3.6.1).  Cached by record text: with a
-    warm DNS cache the same few keys sign most mail, and parsing the ASN.1
-    each time would cost more than the DNS cache saves."""
+    """Parse a key record (RFC 6376 §3.6.1), for DKIM and ARC alike.
+
+    A record over MAX_KEY_RECORD_BYTES is refused before parsing, and so
+    never enters the parse cache: that cache holds at most
+    1024 x 8 KiB whatever keys an attacker publishes."""
+    if len(record) > MAX_KEY_RECORD_BYTES:
+        return KeyRecord(f"key record too large ({len(record)} bytes)")
+    return _parse_key(record)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_key(record: bytes) -> KeyRecord:
+    """Cached by record text: with a warm DNS cache the same few keys sign
+    most mail, and parsing the ASN.1 each time would cost more than the DNS
+    cache saves."""
     try:
         tags: dict[bytes, bytes] = dkim.util.parse_tag_value(record)
     except dkim.util.InvalidTagValueList:

@@ -7,6 +7,11 @@ computed; this module never queries SPF or DKIM again.  Its only DNS use is
 the policy discovery and the Organizational Domain walks that relaxed
 alignment needs, all memoised by one :class:`Discoverer` per message.
 
+Only lookups whose answer could change the verdict may make it temperror
+(digest §4.5): :func:`could_align` rules out, with no query, every
+identifier whose Organizational Domain cannot equal the Author Domain's, so
+an attacker's own DNS failing cannot soften a victim's policy.
+
 What to *do* with the result is the policy step's business
 (:mod:`dmarcmilter.policy`): this module reports the policy, nothing more.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .authres.parse import ResInfo, domain_part, same_domain
@@ -22,9 +28,10 @@ from .discovery import (
     Discoverer,
     DiscoveryMethod,
     DiscoveryStatus,
+    OrgDomainResult,
     PolicyDiscovery,
 )
-from .domains import DomainError, normalize_domain
+from .domains import DomainError, is_subdomain, normalize_domain
 from .record import AlignmentMode, DMARCRecord, Policy
 from .results import (
     AuthorResult,
@@ -195,7 +202,7 @@ def evaluate_dmarc(
             reason=discovery.detail or "unusable DMARC record",
         )
 
-    aligner = _Aligner(author_domain, discovery, discoverer)
+    aligner = Aligner(author_domain, discovery, discoverer)
     spf_v = SPFVerdict(spf.mfrom, aligner.spf_alignment(spf.mfrom, record.aspf))
     dkim_v = tuple(
         DKIMVerdict(sig, aligner.dkim_alignment(sig, record.adkim)) for sig in dkim.signatures
@@ -228,6 +235,209 @@ def evaluate_dmarc(
             ),
         )
     return outcome(DMARCResultCode.FAIL, policy, spf_v, dkim_v, reasons)
+
+
+def _name(domain: str) -> str:
+    """``domain`` as alignment compares it: A-label, lower case, no trailing
+    dot (RFC 4343); a string that is no domain name is kept, lower-cased, and
+    can then only equal itself."""
+    try:
+        return normalize_domain(domain)
+    except DomainError:
+        return domain.strip().lower()
+
+
+def could_align(
+    identifier: str,
+    author_domain: str,
+    author_organizational_domain: str | None,
+    mode: AlignmentMode,
+) -> bool:
+    """Whether ``identifier`` can be aligned with ``author_domain`` at all,
+    decided without any DNS query (RFC 9989 §4.4, §4.10.2).
+
+    Strict alignment is equality.  Relaxed alignment compares the two
+    Organizational Domains, and the tree walk of §4.10.2 only ever yields a
+    name's OD from among that name and its ancestors.  So OD(identifier) can
+    equal OD(author) only when the author's OD is the identifier itself or a
+    label-wise ancestor of it; for any other identifier no walk is needed and
+    none may be made: a lookup whose answer cannot change the verdict must
+    not be able to turn it into temperror (digest §4.5).
+
+    ``author_organizational_domain`` is the Author Domain's OD from its own
+    walk, or None when that walk failed: the OD is then one of the Author
+    Domain's ancestors, so any identifier that shares at least its last label
+    with the Author Domain could align, and nothing else can.
+
+    True is necessary, not sufficient, for relaxed alignment: psd=n below the
+    author's OD (digest E6) can still split the two, which only the
+    identifier's own walk shows (:meth:`Aligner.alignment`).  The PSL method
+    (RFC 7489 §3.2) also yields a suffix of the name, so the rule holds there.
+    """
+    name = _name(identifier)
+    author = _name(author_domain)
+    if not name:
+        return False
+    if name == author:
+        return True
+    if mode is AlignmentMode.STRICT:
+        return False
+    if author_organizational_domain is None:
+        return name.rpartition(".")[2] == author.rpartition(".")[2]
+    od = _name(author_organizational_domain)
+    return name == od or is_subdomain(name, od)
+
+
+class Aligner:
+    """Identifier alignment (RFC 9989 §4.4) for one Author Domain whose
+    policy was found, sharing the message's memoised discovery walks.
+
+    Every check of alignment goes through :meth:`alignment`: the evaluation
+    core, the DMARC result, and local policy judging what a trusted ARC
+    sealer vouched for.  An identifier that :func:`could_align` rules out
+    gets :attr:`Alignment.NONE` with no DNS query; only a walk for an
+    identifier that could align can set :attr:`temperror`.
+    """
+
+    def __init__(self, author_domain: str, discovery: PolicyDiscovery, discoverer: Discoverer):
+        self.author_domain = author_domain
+        self.discovery = discovery
+        self.discoverer = discoverer
+        self.temperror = False
+        self.detail = ""
+        self._author_od: OrgDomainResult | None = None
+
+    @property
+    def record(self) -> DMARCRecord | None:
+        return self.discovery.record
+
+    def author_organizational_domain(self) -> OrgDomainResult:
+        """The Author Domain's OD, from its own walk (memoised).  A failed
+        walk is not yet a temperror: it becomes one only when an identifier
+        that could align needs the OD."""
+        if self._author_od is None:
+            known = self.discovery.organizational_domain
+            if known is not None:
+                self._author_od = OrgDomainResult(known)
+            else:
+                self._author_od = self.discoverer.organizational_domain(self.author_domain)
+        return self._author_od
+
+    def could_align(self, identifier: str, mode: AlignmentMode) -> bool:
+        """:func:`could_align` against this Author Domain, for ``mode``."""
+        if not identifier:
+            return False
+        if _name(identifier) == _name(self.author_domain):
+            return True
+        if mode is AlignmentMode.STRICT:
+            return False
+        return could_align(
+            identifier, self.author_domain, self.author_organizational_domain().domain, mode
+        )
+
+    def spf_could_align(self, domain: str) -> bool:
+        """Whether the SPF (MAIL FROM) domain could align under the record's aspf."""
+        record = self.record
+        return record is not None and self.could_align(domain, record.aspf)
+
+    def dkim_could_align(self, domain: str) -> bool:
+        """Whether a DKIM ``d=`` could align under the record's adkim."""
+        record = self.record
+        return record is not None and self.could_align(domain, record.adkim)
+
+    def _fail(self, detail: str) -> None:
+        self.temperror = True
+        self.detail = self.detail or detail or "DNS failure during the Organizational Domain walk"
+
+    def alignment(self, identifier: str, mode: AlignmentMode) -> Alignment:
+        """RFC 9989 §4.4: strict is equality; relaxed compares the two
+        Organizational Domains, each found by its own walk (§4.10.2)."""
+        if not self.could_align(identifier, mode):
+            return Alignment.NONE
+        if _name(identifier) == _name(self.author_domain):
+            return Alignment.STRICT
+        author_od = self.author_organizational_domain()
+        if author_od.temperror:
+            # The identifier shares a suffix with the Author Domain, and the
+            # author's own walk could not say whether that suffix is its OD.
+            self._fail(author_od.detail)
+            return Alignment.NONE
+        # No string short-cut here: a TLD record without psd=y makes
+        # unrelated names share an Organizational Domain (digest E9), and
+        # psd=n can split names that share a suffix (E6).  Only the walk knows.
+        od = self.discoverer.organizational_domain(identifier)
+        if od.temperror:
+            self._fail(od.detail)
+            return Alignment.NONE
+        return Alignment.RELAXED if od.domain == author_od.domain else Alignment.NONE
+
+    def spf_alignment(self, spf: SPFResult, mode: AlignmentMode) -> Alignment:
+        # Only a pass yields an Authenticated Identifier (§4.4.2); the
+        # alignment of a temperror is looked at separately.
+        if spf.result is not SPFResultCode.PASS:
+            return Alignment.NONE
+        return self.alignment(spf.domain, mode)
+
+    def dkim_alignment(self, sig: DKIMSignatureResult, mode: AlignmentMode) -> Alignment:
+        if sig.result is not DKIMResultCode.PASS:
+            return Alignment.NONE
+        return self.alignment(sig.domain, mode)
+
+    def settle(self, spf: SPFResult | None, signatures: Sequence[DKIMSignatureResult]) -> None:
+        """Make now every walk the DMARC result will need for these results
+        (passes and temperrors that could align), so that the result itself
+        needs no further DNS: the evaluation runs this before any lookup an
+        attacker chose, which then cannot starve these walks."""
+        record = self.record
+        if record is None:
+            return
+        if spf is not None and spf.result in (SPFResultCode.PASS, SPFResultCode.TEMPERROR):
+            self.alignment(spf.domain, record.aspf)
+        for sig in signatures:
+            if sig.result in (DKIMResultCode.PASS, DKIMResultCode.TEMPERROR):
+                self.alignment(sig.domain, record.adkim)
+
+
+def aligner_for(author: AuthorResult, discoverer: Discoverer) -> Aligner | None:
+    """Policy discovery for the message's Author Domain, and its Aligner when
+    a usable policy was found (the only case where alignment matters).
+
+    The evaluation calls this first, before any SPF, DKIM or ARC lookup, so
+    that the author's policy discovery and OD walk (verdict-relevant DNS) can
+    never be starved by lookups an attacker chose.  All answers are memoised
+    in ``discoverer``; :func:`evaluate_dmarc` later reuses them.
+    """
+    if not author.status.in_scope or author.domain is None:
+        return None
+    discovery = discoverer.discover_policy(author.domain)
+    if discovery.status is not DiscoveryStatus.FOUND or discovery.record is None:
+        return None
+    aligner = Aligner(author.domain, discovery, discoverer)
+    # The OD is settled now, while the budget is the author's: reports need
+    # it anyway, and relaxed alignment decisions depend on it.
+    aligner.author_organizational_domain()
+    return aligner
+
+
+def _temporary_failure_could_align(
+    spf_v: SPFVerdict,
+    dkim_v: tuple[DKIMVerdict, ...],
+    aligner: Aligner,
+    record: DMARCRecord,
+) -> bool:
+    """[impl choice, digest §4.5] A temperror from SPF or DKIM only prevents a
+    fail verdict when that identifier could have produced an aligned pass.
+    The same rule as for passes decides it: an identifier that cannot align
+    is ruled out without a lookup, so its temperror changes nothing."""
+    if spf_v.spf.result is SPFResultCode.TEMPERROR and (
+        aligner.alignment(spf_v.spf.domain, record.aspf) is not Alignment.NONE
+    ):
+        return True
+    return any(
+        v.signature.result is DKIMResultCode.TEMPERROR
+        and aligner.alignment(v.signature.domain, record.adkim) is not Alignment.NONE
+        for v in dkim_v
+    )
 
 
 # [impl choice, digest §4.1] Strictness of an applied policy, for choosing
@@ -324,88 +534,13 @@ def _strictest(outcomes: list[DMARCOutcome], incomplete: bool) -> DMARCOutcome |
     return first_strictest([o for o in outcomes if o.result is DMARCResultCode.PASS])
 
 
-class _Aligner:
-    """Alignment checks for one Author Domain, sharing the discoverer's walks."""
-
-    def __init__(self, author_domain: str, discovery: PolicyDiscovery, discoverer: Discoverer):
-        self.author_domain = author_domain
-        self.discovery = discovery
-        self.discoverer = discoverer
-        self.temperror = False
-        self.detail = ""
-
-    def _author_od(self) -> str | None:
-        if self.discovery.organizational_domain is not None:
-            return self.discovery.organizational_domain
-        od = self.discoverer.organizational_domain(self.author_domain)
-        if od.temperror:
-            self._fail(od.detail)
-        return od.domain
-
-    def _fail(self, detail: str) -> None:
-        self.temperror = True
-        self.detail = self.detail or detail or "DNS failure during the Organizational Domain walk"
-
-    def alignment(self, identifier: str, mode: AlignmentMode) -> Alignment:
-        """RFC 9989 §4.4: strict is equality; relaxed compares the two
-        Organizational Domains, each found by its own walk (§4.10.2)."""
-        if not identifier:
-            return Alignment.NONE
-        if identifier == self.author_domain:
-            return Alignment.STRICT
-        if mode is AlignmentMode.STRICT:
-            return Alignment.NONE
-        author_od = self._author_od()
-        if author_od is None:
-            return Alignment.NONE
-        # No string short-cut here: a TLD record without psd=y makes
-        # unrelated names share an Organizational Domain (digest E9), and
-        # psd=n can split names that share a suffix (E6).  Only the walk knows.
-        od = self.discoverer.organizational_domain(identifier)
-        if od.temperror:
-            self._fail(od.detail)
-            return Alignment.NONE
-        return Alignment.RELAXED if od.domain == author_od else Alignment.NONE
-
-    def spf_alignment(self, spf: SPFResult, mode: AlignmentMode) -> Alignment:
-        # Only a pass yields an Authenticated Identifier (§4.4.2); the
-        # alignment of a temperror is looked at separately.
-        if spf.result is not SPFResultCode.PASS:
-            return Alignment.NONE
-        return self.alignment(spf.domain, mode)
-
-    def dkim_alignment(self, sig: DKIMSignatureResult, mode: AlignmentMode) -> Alignment:
-        if sig.result is not DKIMResultCode.PASS:
-            return Alignment.NONE
-        return self.alignment(sig.domain, mode)
-
-
-def _temporary_failure_could_align(
-    spf_v: SPFVerdict,
-    dkim_v: tuple[DKIMVerdict, ...],
-    aligner: _Aligner,
-    record: DMARCRecord,
-) -> bool:
-    """[impl choice, digest §4.5] A temperror from SPF or DKIM only prevents a
-    fail verdict when that identifier could have produced an aligned pass."""
-    if spf_v.spf.result is SPFResultCode.TEMPERROR and (
-        aligner.alignment(spf_v.spf.domain, record.aspf) is not Alignment.NONE
-    ):
-        return True
-    return any(
-        v.signature.result is DKIMResultCode.TEMPERROR
-        and aligner.alignment(v.signature.domain, record.adkim) is not Alignment.NONE
-        for v in dkim_v
-    )
-
-
 # -- trusted ARC sealers: what their recorded results are worth ------------------------
 #
 # RFC 8617 §7.2, RFC 9989 §5.3 (local policy): a trusted sealer's ARC-
 # Authentication-Results may vouch for a message that fails DMARC after the
 # sealer's forwarding.  Whether an identifier it recorded aligns with the
 # Author Domain is judged here by the same rule as for our own results (the
-# _Aligner: equality, or the Organizational Domains found by their walks),
+# Aligner: equality, or the Organizational Domains found by their walks),
 # never by a string suffix: psd=n and TLD records make a suffix lie.
 
 # Distinct identifiers from sealers' results whose alignment is worked out
@@ -423,9 +558,7 @@ def alignment_of(
     when a walk fails (this never turns the result into temperror)."""
     if outcome.author_domain is None or outcome.discovery is None:
         return Alignment.NONE
-    return _Aligner(outcome.author_domain, outcome.discovery, discoverer).alignment(
-        identifier, mode
-    )
+    return Aligner(outcome.author_domain, outcome.discovery, discoverer).alignment(identifier, mode)
 
 
 def sealer_vouch(

@@ -16,13 +16,26 @@ from .arc import hop_results, trusted_hops, verify_arc
 from .author import extract_author
 from .config import Config
 from .discovery import Discoverer, DiscoveryMethod, load_psl
-from .dkim import unverified, verify_dkim
-from .dmarc import DMARCOutcome, evaluate_dmarc, evaluate_recovered, sealer_vouch
+from .dkim import DKIMVerifier, unverified
+from .dmarc import (
+    DMARCOutcome,
+    aligner_for,
+    evaluate_dmarc,
+    evaluate_recovered,
+    sealer_vouch,
+)
 from .errors import InputError
 from .message import Message
 from .resolver import DNSSession, Resolver, ResolverSettings
-from .results import ARCOutcome, AuthorResult, DKIMOutcome, SPFOutcome
-from .spf import check_spf
+from .results import (
+    ARCOutcome,
+    AuthorResult,
+    AuthorStatus,
+    DKIMOutcome,
+    SPFOutcome,
+    SPFResult,
+)
+from .spf import check_spf, mail_from_domain
 
 LIST_HEADERS = ("list-id", "list-post")
 
@@ -109,40 +122,84 @@ def evaluate(
     method = DiscoveryMethod(config.dmarc.discovery_method)
     psl = load_psl(config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
 
-    # 1. The Author Domain (§4.2) decides whether DMARC can apply at all.
+    # The order of the lookups is a security property.  The message's DNS
+    # budget (dns.budget) is spent first on what the DMARC result needs and
+    # an attacker cannot choose, and only then on names the attacker picked
+    # (a DKIM d= or MAIL FROM of his own, ARC sealers, the HELO name): those
+    # may time out, one per-query timeout each, and must not starve the
+    # author's policy.  A lookup past the budget gives temperror for its own
+    # check only, which then shows in Authentication-Results; it cannot
+    # change the DMARC result, as dmarc.could_align rules those names out.
+    #
+    # 1. The Author Domain (§4.2) decides whether DMARC can apply at all;
+    #    then its policy discovery and Organizational Domain walk.
+    #    An out-of-scope From that still names domains a reader would show
+    #    is evaluated for each of them (policy.out_of_scope = "evaluate"):
+    #    each is an Author Domain whose policy comes first.
     author = extract_author(message.headers)
-    # 2-3. The Authenticated Identifiers: SPF on MAIL FROM (and HELO), DKIM on
-    # every signature.  ARC is recorded for local policy (trusted forwarders).
+    discoverer = Discoverer(session, method, psl)
+    recover = config.policy.out_of_scope == "evaluate"
+    authors: tuple[AuthorResult, ...] = (author,)
+    if recover and not author.status.in_scope:
+        authors = tuple(AuthorResult(AuthorStatus.OK, domain=d) for d in author.recovered)
+    aligners = [a for a in (aligner_for(each, discoverer) for each in authors) if a is not None]
+    mfrom_domain = mail_from_domain(envelope.helo, envelope.mail_from)
+    spf_matters = any(a.spf_could_align(mfrom_domain) for a in aligners)
+
+    def dkim_matters(domain: str) -> bool:
+        return any(a.dkim_could_align(domain) for a in aligners)
+
+    # 2. SPF on a MAIL FROM that could align, and DKIM signatures whose d=
+    #    could align (the first ones verified: max_signatures counts them first).
+    spf: SPFOutcome | None = None
+    mfrom: SPFResult | None = None
     if upstream is not None and upstream.spf is not None:
         spf = upstream.spf
+    elif spf_matters:
+        mfrom = check_spf(
+            session, envelope.client_ip, envelope.helo, envelope.mail_from, check_helo=False
+        ).mfrom
+    verifier: DKIMVerifier | None = None
+    dkim: DKIMOutcome | None = None
+    if upstream is not None and upstream.dkim is not None:
+        dkim = upstream.dkim
+    elif body_cut_at is not None:
+        dkim = unverified(message.raw, f"body larger than {body_cut_at} bytes was not verified")
     else:
+        verifier = DKIMVerifier(
+            message.raw,
+            max_signatures=config.dkim.max_signatures,
+            min_key_bits=config.dkim.min_key_bits,
+        )
+        verifier.verify(session, dkim_matters)
+    # 3. The Organizational Domain walks of those identifiers (§4.4).
+    early = verifier.outcome() if verifier is not None else dkim
+    for aligner in aligners:
+        aligner.settle(
+            spf.mfrom if spf is not None else mfrom,
+            early.signatures if early is not None else (),
+        )
+    # 4. What DMARC does not need, with the budget left: ARC (for local
+    #    policy's trusted forwarders), SPF on a MAIL FROM that cannot align
+    #    and on HELO, then the other DKIM signatures.
+    arc = verify_arc(message.raw, session)
+    if spf is None:
         spf = check_spf(
             session,
             envelope.client_ip,
             envelope.helo,
             envelope.mail_from,
             check_helo=config.spf.check_helo,
+            mfrom=mfrom,
         )
-    if upstream is not None and upstream.dkim is not None:
-        dkim = upstream.dkim
-    elif body_cut_at is not None:
-        dkim = unverified(message.raw, f"body larger than {body_cut_at} bytes was not verified")
-    else:
-        dkim = verify_dkim(
-            message.raw,
-            session,
-            max_signatures=config.dkim.max_signatures,
-            min_key_bits=config.dkim.min_key_bits,
-        )
-    arc = verify_arc(message.raw, session)
-    # 4-5. Policy discovery, alignment and the DMARC result.
-    discoverer = Discoverer(session, method, psl)
-    # An out-of-scope From that still names domains is evaluated for each
-    # of them, unless local policy accepts or rejects it as it stands.
-    evaluate_author = (
-        evaluate_recovered if config.policy.out_of_scope == "evaluate" else evaluate_dmarc
-    )
-    dmarc = evaluate_author(author, spf, dkim, discoverer)
+    if verifier is not None:
+        verifier.verify(session)
+        dkim = verifier.outcome()
+    assert dkim is not None
+    # 5. The DMARC result: every answer it needs is memoised by now.
+    dmarc = (evaluate_recovered if recover else evaluate_dmarc)(author, spf, dkim, discoverer)
+    # Local policy's trusted forwarders: what their newest hops vouched for,
+    # judged by the same alignment rule (dmarc.sealer_vouch).
     hops = trusted_hops(arc, config.policy.trusted_arc_sealers)
     vouch = sealer_vouch(dmarc, tuple((h.sealer_domain, hop_results(h)) for h in hops), discoverer)
     mailing_list = any(name.lower() in LIST_HEADERS for name, _ in message.headers)
@@ -158,5 +215,6 @@ def resolver_from_config(config: Config) -> Resolver:
             query_timeout=dns.timeout,
             message_budget=dns.budget,
             cache_entries=dns.cache_entries,
+            cache_bytes=dns.cache_bytes,
         )
     )

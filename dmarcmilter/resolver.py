@@ -100,12 +100,45 @@ class DNSFailure(DmarcMilterError):
         self.answer = answer
 
 
-class _Cache:
-    """Bounded LRU cache of answers with per-entry expiry."""
+# An answer larger than this is used for the message that asked but never
+# cached: no record DMARC, SPF or DKIM needs comes near it (a DKIM key record
+# over 8 KiB is a permerror anyway, dkim.MAX_KEY_RECORD_BYTES), while a DNS
+# answer can be 64 KiB, and an attacker publishing such answers under many
+# names would otherwise fill the cache with them.  It is not refused, since a
+# large answer is no failure (RFC 1035 permits it), and refusing a real one
+# would change a result; the cost of using it is one message's, not the cache's.
+MAX_CACHED_ANSWER_BYTES = 16 * 1024
+# What one cache entry costs beyond its record data: the key, the answer
+# object and the dictionary slot (measured on CPython 3.11+, rounded up).
+ENTRY_OVERHEAD_BYTES = 400
 
-    def __init__(self, max_entries: int) -> None:
+
+def answer_size(answer: DNSAnswer) -> int:
+    """The bytes an answer is charged in the cache: its names and record data
+    plus a fixed overhead per entry and per record."""
+    size = ENTRY_OVERHEAD_BYTES + len(answer.qname) + len(answer.detail)
+    for rec in answer.records:
+        size += 64  # the record's tuple or string object and its slot
+        if isinstance(rec, tuple):
+            # Each character-string is a bytes object of its own (33 bytes
+            # of header on CPython) in a tuple slot.
+            size += sum(48 + (len(x) if isinstance(x, (bytes, str)) else 0) for x in rec)
+        elif isinstance(rec, str):
+            size += len(rec)
+        else:
+            size += 32
+    return size
+
+
+class _Cache:
+    """LRU cache of answers with per-entry expiry, bounded both in entries and
+    in bytes (:func:`answer_size`); the least recently used entries go first."""
+
+    def __init__(self, max_entries: int, max_bytes: int = 32 * 1024 * 1024) -> None:
         self._max = max_entries
-        self._data: OrderedDict[tuple[str, str], tuple[float, DNSAnswer]] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._data: OrderedDict[tuple[str, str], tuple[float, DNSAnswer, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple[str, str], now: float) -> DNSAnswer | None:
@@ -113,30 +146,43 @@ class _Cache:
         # every message, and a lock held across a thread switch made them
         # queue.  Each OrderedDict call is atomic under the interpreter
         # lock; a key that disappears between two of them (put evicting it)
-        # is simply a miss or an un-refreshed entry.
+        # is simply a miss or an un-refreshed entry.  An expired entry is
+        # left for put to drop, which keeps the byte count exact.
         item = self._data.get(key)
         if item is None:
             return None
-        expires, answer = item
+        expires, answer, _size = item
         if expires <= now:
-            self._data.pop(key, None)
             return None
         with contextlib.suppress(KeyError):
             self._data.move_to_end(key)
         return answer
 
     def put(self, key: tuple[str, str], answer: DNSAnswer, now: float) -> None:
-        if self._max <= 0 or answer.ttl <= 0:
+        if self._max <= 0 or self._max_bytes <= 0 or answer.ttl <= 0:
+            return
+        size = answer_size(answer)
+        if size > min(MAX_CACHED_ANSWER_BYTES, self._max_bytes):
             return
         with self._lock:
-            self._data[key] = (now + min(answer.ttl, MAX_CACHE_TTL), answer)
-            self._data.move_to_end(key)
-            while len(self._data) > self._max:
-                self._data.popitem(last=False)
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            self._data[key] = (now + min(answer.ttl, MAX_CACHE_TTL), answer, size)
+            self._bytes += size
+            while len(self._data) > self._max or self._bytes > self._max_bytes:
+                _key, (_expires, _answer, dropped) = self._data.popitem(last=False)
+                self._bytes -= dropped
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        """The bytes charged for the entries held (expired ones included)."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._data)
@@ -149,6 +195,7 @@ class ResolverSettings:
     query_timeout: float = 2.0
     message_budget: float = 8.0
     cache_entries: int = 50_000
+    cache_bytes: int = 32 * 1024 * 1024
 
 
 class Resolver:
@@ -171,13 +218,18 @@ class Resolver:
         # we want to tell failures apart quickly.
         self._resolver.retry_servfail = False
         self._resolver.cache = None
-        self._cache = _Cache(self.settings.cache_entries)
+        self._cache = _Cache(self.settings.cache_entries, self.settings.cache_bytes)
 
     def session(self, budget: float | None = None) -> DNSSession:
         return DNSSession(self, self.settings.message_budget if budget is None else budget)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    @property
+    def cache_size(self) -> tuple[int, int]:
+        """Entries and bytes (as :func:`answer_size` counts them) in the cache."""
+        return len(self._cache), self._cache.bytes
 
     def cached(self, qname: str, rdtype: str) -> DNSAnswer | None:
         return self._cache.get((qname, rdtype), time.monotonic())
@@ -207,8 +259,11 @@ class Resolver:
             )
         except dns.resolver.LifetimeTimeout:
             return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
-        except dns.resolver.NoNameservers as exc:
-            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail=_short(exc))
+        except dns.resolver.NoNameservers:
+            # dnspython's text names our resolvers' addresses and ports, which
+            # must not reach headers of delivered mail (reason= in A-R); the
+            # status says what happened.
+            return DNSAnswer(qname, rdtype, DNSStatus.SERVFAIL, detail="server failure")
         except dns.exception.Timeout:
             return DNSAnswer(qname, rdtype, DNSStatus.TIMEOUT, detail="query timed out")
         except dns.exception.DNSException as exc:
@@ -237,12 +292,34 @@ class DNSSession:
     resolver: Resolver
     budget: float
     log: list[QueryLogEntry] = field(default_factory=list)
+    # The session a capped() view was made from; None for a message's own.
+    parent: DNSSession | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.deadline = time.monotonic() + self.budget
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def capped(self, seconds: float) -> DNSSession:
+        """A view of this session that may spend at most ``seconds`` more
+        (and never past this session's own deadline), logging into the same
+        query log.
+
+        For lookups an attacker chooses inside a check that matters: the
+        names the connecting client's reverse DNS returns to an SPF ``ptr``
+        mechanism, whose failures RFC 7208 §5.5 lets us skip.  When the cap
+        is spent, :meth:`spent_by_cap` tells that apart from the message's
+        own budget running out.
+        """
+        return DNSSession(
+            self.resolver, max(0.0, min(seconds, self.remaining())), self.log, parent=self
+        )
+
+    def spent_by_cap(self) -> bool:
+        """True when this capped view is spent but the message's budget is not."""
+        parent = self.parent
+        return parent is not None and self.remaining() <= 0 < parent.remaining()
 
     def query(self, qname: str, rdtype: str) -> DNSAnswer:
         qname = qname.rstrip(".").lower()
@@ -259,12 +336,20 @@ class DNSSession:
                 answer = self.resolver.lookup(
                     qname, rdtype, min(self.resolver.settings.query_timeout, left)
                 )
+        records = answer.records
+        if not cached and records:
+            size = answer_size(answer)
+            if size > MAX_CACHED_ANSWER_BYTES:
+                # The log lives as long as the message; an answer too large
+                # to cache is not kept in it either, so one message holds
+                # at most one such answer at a time, however many it asks.
+                records = (f"[{size} bytes, not kept]",)
         self.log.append(
             QueryLogEntry(
                 qname,
                 rdtype,
                 answer.status,
-                answer.records,
+                records,
                 cached,
                 (time.monotonic() - start) * 1000.0,
             )

@@ -22,7 +22,7 @@ from .errors import DNSBudgetExceeded
 from .resolver import DNSFailure, DNSSession, DNSStatus
 from .results import SPFOutcome, SPFResult, SPFResultCode, SPFScope
 
-__all__ = ["check_spf"]
+__all__ = ["check_spf", "mail_from_domain"]
 
 _REASON_MAX = 200
 _RESULT_CODES = {code.value: code for code in SPFResultCode}
@@ -98,9 +98,27 @@ class _Query(spf.query):  # type: ignore[misc]
         # RFC 7208 §5.5: a DNS error on the PTR lookup makes "ptr" not match,
         # and one on the A/AAAA lookup of a PTR name skips that name (§7.3:
         # the p macro becomes "unknown").  pyspf turns both into temperror.
+        #
+        # The PTR answer and the names in it belong to whoever controls the
+        # client's reverse DNS, an attacker included: left alone, eleven
+        # unanswered lookups here would spend the message's budget inside a
+        # victim's SPF check and make it temperror.  So this work gets at most
+        # one query timeout of the budget; past that, names are skipped as
+        # if their lookups had failed.
+        session: DNSSession = _local.session
+        capped = session.capped(session.resolver.settings.query_timeout)
+        _local.session = capped
+        try:
+            return self._validated_ptrs(capped)
+        finally:
+            _local.session = session
+
+    def _validated_ptrs(self, capped: DNSSession) -> list[str]:
         try:
             names: list[str] = self.dns_ptr(self.i)
         except _BudgetSpent:
+            if capped.spent_by_cap():
+                return []
             raise
         except spf.TempError:
             return []
@@ -109,6 +127,8 @@ class _Query(spf.query):  # type: ignore[misc]
             try:
                 addresses = self.dns_a(ptr_name, self.A)
             except _BudgetSpent:
+                if capped.spent_by_cap():
+                    break
                 raise
             except spf.TempError:
                 continue
@@ -127,6 +147,33 @@ class _Identity:
     problem: str = ""
 
 
+def mail_from_domain(helo: str, mail_from: str) -> str:
+    """The domain check_host() is run on for the MAIL FROM identity (RFC 7208
+    §2.4: the HELO name for a null reverse-path), normalised; "" when there
+    is none.  No DNS: the evaluation uses it to tell whether this SPF result
+    could matter to DMARC before any query is made."""
+    return _mfrom_identity(helo.strip(), _reverse_path(mail_from))[0].domain
+
+
+def _mfrom_identity(helo: str, reverse_path: str) -> tuple[_Identity, _Identity | None]:
+    """The MAIL FROM identity and the HELO identity (None: no domain)."""
+    helo_identity = _helo_identity(helo)
+    if reverse_path:
+        return _mail_from_identity(reverse_path), helo_identity
+    # RFC 7208 §2.4: the MAIL FROM identity becomes postmaster@HELO.
+    if helo_identity is None:
+        return (
+            _Identity(
+                f"postmaster@{helo}" if helo else "",
+                "postmaster",
+                "",
+                "null reverse-path and the HELO name is not a domain name",
+            ),
+            None,
+        )
+    return helo_identity, helo_identity
+
+
 def check_spf(
     session: DNSSession,
     client_ip: str,
@@ -134,37 +181,28 @@ def check_spf(
     mail_from: str,
     *,
     check_helo: bool = True,
+    mfrom: SPFResult | None = None,
 ) -> SPFOutcome:
     """Evaluate SPF for the MAIL FROM identity and, optionally, the HELO one.
 
     ``mail_from`` is the reverse-path as given by the MTA, with or without
-    angle brackets; ``""`` or ``"<>"`` is the null reverse-path.  Never raises
+    angle brackets; ``""`` or ``"<>"`` is the null reverse-path.  ``mfrom``
+    is the MAIL FROM result when it was already evaluated (the evaluation
+    checks a MAIL FROM that could align first, and HELO later).  Never raises
     for odd input: every problem is a result with a reason.  Raises
     ValueError only when ``client_ip`` is not an IP address.
     """
     ip = _client_ip(client_ip)
     helo = helo.strip()
-    helo_identity = _helo_identity(helo)
     reverse_path = _reverse_path(mail_from)
     null_path = not reverse_path
-    if null_path:
-        # RFC 7208 §2.4: the MAIL FROM identity becomes postmaster@HELO.
-        if helo_identity is None:
-            mfrom_identity = _Identity(
-                f"postmaster@{helo}" if helo else "",
-                "postmaster",
-                "",
-                "null reverse-path and the HELO name is not a domain name",
-            )
-        else:
-            mfrom_identity = helo_identity
-    else:
-        mfrom_identity = _mail_from_identity(reverse_path)
+    mfrom_identity, helo_identity = _mfrom_identity(helo, reverse_path)
 
     previous = getattr(_local, "session", None)
     _local.session = session
     try:
-        mfrom = _evaluate(ip, helo, mfrom_identity, SPFScope.MFROM)
+        if mfrom is None:
+            mfrom = _evaluate(ip, helo, mfrom_identity, SPFScope.MFROM)
         helo_result = None
         if check_helo and helo_identity is not None:
             if null_path:

@@ -588,3 +588,20 @@ def test_arbitrary_bytes_never_raise_property(
             assert isinstance(outcome, DKIMOutcome)
 
     check()
+
+
+def test_key_record_larger_than_any_key_is_permerror(
+    dns_server: TestDNSServer, resolver: Resolver
+) -> None:
+    # A real key record with an n= note padding it past 8 KiB: refused before
+    # parsing, so an attacker's huge keys never enter the key cache.
+    record = dkim_key_record() + "; n=" + "x" * 8000
+    dns_server.set_zone(dkim_zone("example.com", "s1", record=record))
+    message = dkim_sign(make_message(), "example.com", "s1")
+    (sig,) = verify_dkim(message, resolver.session()).signatures
+    assert sig.result is DKIMResultCode.PERMERROR
+    assert sig.reason.startswith("key record too large")
+    dns_server.set_zone(dkim_zone("example.com", "s1", record=dkim_key_record() + "; n=short"))
+    resolver.clear_cache()
+    (sig,) = verify_dkim(message, resolver.session()).signatures
+    assert sig.result is DKIMResultCode.PASS

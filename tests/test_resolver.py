@@ -7,7 +7,14 @@ import time
 
 import pytest
 
-from dmarcmilter.resolver import DNSFailure, DNSStatus, Resolver, ResolverSettings, parse_hostport
+from dmarcmilter.resolver import (
+    DNSFailure,
+    DNSStatus,
+    Resolver,
+    ResolverSettings,
+    answer_size,
+    parse_hostport,
+)
 from tests.dnsserver import TestDNSServer
 
 
@@ -89,6 +96,39 @@ def test_cache_is_bounded(dns_server: TestDNSServer) -> None:
         s.query(f"n{i}.example", "A")
     assert len(r._cache) == 3
     assert r.cached("n9.example", "A") is not None and r.cached("n0.example", "A") is None
+
+
+def test_cache_is_bounded_in_bytes(dns_server: TestDNSServer) -> None:
+    r = Resolver(
+        ResolverSettings(nameservers=("127.0.0.1",), port=dns_server.port, cache_bytes=20_000)
+    )
+    dns_server.set_zone({f"k{i}.example": [("TXT", "k" * 4000)] for i in range(20)})
+    s = r.session()
+    for i in range(20):
+        assert s.query(f"k{i}.example", "TXT").txt() == ["k" * 4000]
+    entries, size = r.cache_size
+    assert size <= 20_000
+    # Each answer is charged its 4000 bytes and more: three fit, the newest.
+    one = answer_size(s.query("k19.example", "TXT"))
+    assert 4000 < one < 20_000 // 3
+    assert entries == 3
+    assert r.cached("k17.example", "TXT") is not None and r.cached("k16.example", "TXT") is None
+
+
+def test_answer_over_the_cap_is_used_but_not_cached(dns_server: TestDNSServer) -> None:
+    r = Resolver(ResolverSettings(nameservers=("127.0.0.1",), port=dns_server.port))
+    big = "y" * 40_000
+    dns_server.set_zone({"big.example": [("TXT", big)], "small.example": [("TXT", "ok")]})
+    s = r.session()
+    for _ in range(2):
+        assert s.query("big.example", "TXT").txt() == [big]
+        assert s.query("small.example", "TXT").txt() == ["ok"]
+    assert [e.cached for e in s.log] == [False, False, False, True]
+    # Asked again each time (over UDP, then TCP after the truncated reply).
+    assert dns_server.queries.count(("big.example", "TXT")) == 4
+    assert r.cache_size[0] == 1
+    # Nor is it kept in the message's query log.
+    assert s.log[0].records[0] == f"[{answer_size(s.query('big.example', 'TXT'))} bytes, not kept]"
 
 
 def test_budget_spent_gives_timeout_without_querying(
