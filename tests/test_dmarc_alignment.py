@@ -345,3 +345,23 @@ def test_attacker_reverse_dns_cannot_starve_a_victim_spf_ptr(dns_server: TestDNS
     assert ev.dmarc.result is DMARCResultCode.FAIL
     asked = run.asked()
     assert sum(name in ptr_names for name in asked) == 1
+
+
+def test_a_malformed_from_gets_its_policies_before_the_attackers_lookups(
+    dns_server: TestDNSServer,
+) -> None:
+    # The same starvation attempt with a From field that is out of scope
+    # (the victim's address twice over, with trailing junk): every domain a
+    # reader would see is an Author Domain whose policy comes first.
+    dns_server.set_zone(VICTIM)
+    dns_server.add_zone({f"k._domainkey.slow{i}.attacker.example": "TIMEOUT" for i in range(4)})
+    dns_server.add_zone({"mx.attacker.example": "TIMEOUT"})
+    run = Run(dns_server, timeout=0.4, budget=0.8)
+    msg = make_message(from_="CEO <ceo@bank.example>>")
+    ev = run(junk_signed(msg, 4), mail_from="x@attacker.example")
+    assert not ev.author.status.in_scope
+    assert ev.dmarc.author_domain == "bank.example"
+    assert ev.dmarc.result is DMARCResultCode.FAIL
+    asked = run.asked()
+    first_junk = min(i for i, name in enumerate(asked) if "slow" in name)
+    assert asked.index("_dmarc.bank.example") < first_junk
