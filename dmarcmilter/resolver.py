@@ -282,6 +282,13 @@ class Resolver:
         )
 
 
+# A query sent with less time than this left in the message's budget could
+# not be answered by any real resolver; it counts as the budget spent.  (It
+# also makes "timeout" and "budget spent" a stable distinction: the query
+# that ran into the deadline is the last one sent.)
+MIN_QUERY_SECONDS = 0.05
+
+
 @dataclass
 class DNSSession:
     """The DNS view of one message: a time budget and a log of queries.
@@ -328,7 +335,7 @@ class DNSSession:
         cached = answer is not None
         if answer is None:
             left = self.deadline - start
-            if left <= 0:
+            if left < MIN_QUERY_SECONDS:
                 answer = DNSAnswer(
                     qname, rdtype, DNSStatus.TIMEOUT, detail="per-message DNS budget spent"
                 )
