@@ -160,7 +160,11 @@ def _named_in(domain: str, text: str) -> bool:
     ``text``, as written or as its U-label, up to case and compatibility
     mapping (what IDNA's UTS #46 mapping may do to it)."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    unicode_labels = dns.name.from_text(domain).to_unicode(omit_final_dot=True).split(".")
+    try:
+        unicode_labels = dns.name.from_text(domain).to_unicode(omit_final_dot=True).split(".")
+    except dns.name.IDNAException:
+        # An "xn--" label that is not valid Punycode passes as plain LDH.
+        unicode_labels = domain.split(".")
     return all(
         a in folded or unicodedata.normalize("NFKC", u).casefold() in folded
         for a, u in zip(domain.split("."), unicode_labels, strict=True)
@@ -740,5 +744,6 @@ def test_domain_check_helper() -> None:
     assert _named_in("victim.example", "ceo@Victim.Example")
     assert _named_in("xn--bcher-kva.example", "a@BÜCHER.example")
     assert not _named_in("victim.example", "ceo@attacker.example")
+    assert _named_in("xn--bcher-kv", "a@xn--bcher-kv")
     with pytest.raises(DomainError):
         normalize_domain("")
