@@ -814,3 +814,20 @@ def test_a_flood_of_signatures_still_gets_our_header(zone_server: TestDNSServer)
     _, context, errors = _one_message(state, [*flood, ("From", "ceo@victim.example")])
     assert not errors, [r.getMessage() for r in errors]
     assert any(c[:2] == ("addheader", "Authentication-Results") for c in context.calls)
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AuthResSyntaxError, reason="over 256 results: fixed with the A-R caps"
+)
+def test_our_header_reads_back_whatever_the_signature_count(zone_server: TestDNSServer) -> None:
+    # bench.fuzz eom: 264 short junk signatures fit in 64 KiB, but our A-R
+    # then lists more results than our own parser (MAX_RESULTS) reads.
+    flood = [
+        ("DKIM-Signature", f"v=1; a=rsa-sha256; d=d.{n}.example; s=s; h=from; bh=YWJj; b=YWJj")
+        for n in range(264)
+    ]
+    state = _state(zone_server, PolicyConfig())
+    _, context, errors = _one_message(state, [*flood, ("From", "ceo@victim.example")])
+    assert not errors, [r.getMessage() for r in errors]
+    (ours,) = [c[2] for c in context.calls if c[:2] == ("addheader", "Authentication-Results")]
+    assert parse(ours).authserv_id == AUTHSERV_ID
