@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dmarcmilter.authres.parse import authserv_id_of
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
 from tests.milterclient import MilterClient
@@ -169,3 +170,33 @@ def test_daemon_after_fuzzing_still_judges_correctly(daemon: MilterDaemon) -> No
     assert eom.reply.kind == "replycode" and eom.reply.code == "550", eom.reply
     log = daemon.log_text()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="host name not UTF-8: fixed with the macro fallback"
+)
+def test_a_host_name_that_is_not_utf8_still_gets_our_header(daemon: MilterDaemon) -> None:
+    # Found by the random sessions: pymilter cannot decode the host name and
+    # never calls connect().  The message is evaluated from {client_addr},
+    # but our Authentication-Results then names no authserv-id (" ;"), so it
+    # is invalid and a reader cannot tell it is ours.
+    client = MilterClient(daemon.socket, timeout=10.0)
+    try:
+        client.negotiate()
+        # Postfix sends the address in {client_addr} with the connect event.
+        client.connect(
+            b"\xcc.sender.example",  # type: ignore[arg-type]
+            BAD_IP,
+            macros={"{client_addr}": BAD_IP, "j": "mx.receiver.example"},
+        )
+        client.helo("mx.sender.example")
+        eom = client.send_message(
+            b"From: CEO <ceo@bank.example>\r\nTo: x@receiver.example\r\n\r\nhi\r\n",
+            sender="x@attacker.example",
+            recipients=["x@receiver.example"],
+        )
+    finally:
+        client.close()
+    ours = [m.value for m in eom.modifications if m.name == "Authentication-Results"]
+    assert len(ours) == 1 and ours[0] is not None
+    assert authserv_id_of(ours[0]) == "mx.receiver.example", ours
