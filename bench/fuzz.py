@@ -33,6 +33,8 @@ Every crash (an exception a target does not document, or a broken invariant)
 is counted, and the first input of each distinct crash (target, exception
 type, place) is saved as JSON under ``--out`` (a fresh temporary directory
 by default; the path is printed), to be replayed with ``--replay FILE``.
+The slowest input per target is reported too ("max ms"), and one taking
+over SLOW_SECONDS is saved alike: bounded work per message is a property.
 
     .venv/bin/python -m bench.fuzz [--inputs 1000000] [--seconds S] [--out DIR]
         [--seed 1] [--jobs 1] [--targets from,record,...]
@@ -702,6 +704,10 @@ class Inputs:
         }  # fmt: skip
 
 
+# One input taking longer than this is saved (the slowest per target and
+# worker), as work a sender could make the milter do.
+SLOW_SECONDS = 1.0
+
 # Share of the inputs per target: the end-of-message path costs the most per
 # input, the parsers least.
 WEIGHTS = {"from": 25, "record": 15, "authres": 20, "dkim": 15, "arc": 10, "eom": 15}
@@ -769,6 +775,7 @@ class Stats:
     inputs: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     crashes: dict[str, int] = field(default_factory=dict)
+    slowest: dict[str, float] = field(default_factory=dict)  # one input, seconds
     saved: list[str] = field(default_factory=list)
 
     def merge(self, other: Stats) -> None:
@@ -776,6 +783,8 @@ class Stats:
                              (self.crashes, other.crashes)):  # fmt: skip
             for key, value in theirs.items():
                 mine[key] = mine.get(key, 0) + value  # type: ignore[assignment]
+        for key, value in other.slowest.items():
+            self.slowest[key] = max(self.slowest.get(key, 0.0), value)
         self.saved += other.saved
 
 
@@ -825,8 +834,17 @@ def fuzz(seed: int, count: int, seconds: float | None, targets: list[str], out: 
                 saved = _save(out, target, data, exc)
                 if saved:
                     stats.saved.append(saved)
-            stats.seconds[target] = stats.seconds.get(target, 0.0) + time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            stats.seconds[target] = stats.seconds.get(target, 0.0) + elapsed
             stats.inputs[target] = stats.inputs.get(target, 0) + 1
+            if elapsed > stats.slowest.get(target, 0.0):
+                stats.slowest[target] = elapsed
+                if elapsed > SLOW_SECONDS:
+                    # Work a sender can make us do: kept like a crash.
+                    path = out / f"slow-{target}-{seed}.json"
+                    path.write_text(json.dumps({"target": target, "input": data,
+                                                "seconds": elapsed}, indent=1))  # fmt: skip
+                    stats.saved.append(f"{path} ({elapsed:.1f} s)")
     return stats
 
 
@@ -918,17 +936,20 @@ def main(argv: list[str] | None = None) -> int:
                 total.merge(stats)
     wall = time.monotonic() - started
     done = sum(total.inputs.values())
-    print(f"\n{'target':<8} {'inputs':>9} {'busy s':>8} {'inputs/s':>10} {'crashes':>8}")
+    header = f"{'target':<8} {'inputs':>9} {'busy s':>8} {'inputs/s':>10} {'max ms':>8}"
+    print(f"\n{header} {'crashes':>8}")
     for target in targets:
         n, s = total.inputs.get(target, 0), total.seconds.get(target, 0.0)
         rate = n / s if s else 0.0
-        print(f"{target:<8} {n:>9} {s:>8.1f} {rate:>10.0f} {total.crashes.get(target, 0):>8}")
+        slowest = total.slowest.get(target, 0.0) * 1000
+        row = f"{target:<8} {n:>9} {s:>8.1f} {rate:>10.0f} {slowest:>8.1f}"
+        print(f"{row} {total.crashes.get(target, 0):>8}")
     rate = done / wall if wall else 0.0
     projected = 1_000_000 / rate / 60 if rate else float("inf")
     print(f"\n{done} inputs in {wall:.1f} s wall: {rate:.0f} inputs/s; 1,000,000 would take")
     print(f"{projected:.1f} min at this rate")
     crashes = sum(total.crashes.values())
-    print(f"{crashes} crash(es); {len(total.saved)} distinct saved in {out}")
+    print(f"{crashes} crash(es); {len(total.saved)} distinct (and slow inputs) saved in {out}")
     for path in total.saved:
         print(f"  {path}")
     return 1 if crashes else 0
