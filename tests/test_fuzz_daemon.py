@@ -172,9 +172,6 @@ def test_daemon_after_fuzzing_still_judges_correctly(daemon: MilterDaemon) -> No
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="host name not UTF-8: fixed with the macro fallback"
-)
 def test_a_host_name_that_is_not_utf8_still_gets_our_header(daemon: MilterDaemon) -> None:
     # Found by the random sessions: pymilter cannot decode the host name and
     # never calls connect().  The message is evaluated from {client_addr},

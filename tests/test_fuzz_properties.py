@@ -782,12 +782,9 @@ def _state(server: TestDNSServer, policy: PolicyConfig) -> MilterState:
     return MilterState(Runtime.build(Config(AUTHSERV_ID, dns=dns, policy=policy)), None)
 
 
-# Both reproduce findings whose fixes (SMTP reply escaping; caps on what one
-# message puts into our A-R) are made elsewhere: when they are in, these
-# pass and the markers go.
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="'%' in an SMTP reply: fixed with reply escaping"
-)
+# Inputs the fuzzers found that once crashed the end-of-message path or
+# delivered a message unchecked (SMTP reply escaping; caps on what one
+# message puts into our A-R); kept as regression tests.
 def test_percent_in_the_from_domain_reaches_the_reply_safely(zone_server: TestDNSServer) -> None:
     # bench.fuzz eom: the out-of-scope refusal quotes the invalid domain
     # "victim.example%", and pymilter's setreply refuses a lone "%".
@@ -799,9 +796,6 @@ def test_percent_in_the_from_domain_reaches_the_reply_safely(zone_server: TestDN
     assert code == REJECT and context.calls[-1][0] == "setreply"
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="A-R over 64 KiB: fixed with the A-R caps"
-)
 def test_a_flood_of_signatures_still_gets_our_header(zone_server: TestDNSServer) -> None:
     # bench.fuzz eom: 300 junk signatures with long d= and s= made our A-R
     # longer than libmilter can send; the message went out unchecked.
@@ -816,9 +810,6 @@ def test_a_flood_of_signatures_still_gets_our_header(zone_server: TestDNSServer)
     assert any(c[:2] == ("addheader", "Authentication-Results") for c in context.calls)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AuthResSyntaxError, reason="over 256 results: fixed with the A-R caps"
-)
 def test_our_header_reads_back_whatever_the_signature_count(zone_server: TestDNSServer) -> None:
     # bench.fuzz eom: 264 short junk signatures fit in 64 KiB, but our A-R
     # then lists more results than our own parser (MAX_RESULTS) reads.
