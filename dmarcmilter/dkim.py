@@ -14,9 +14,11 @@ The steps follow RFC 6376 §6.1: §6.1.1 validates the signature header field
 the public key (the key record of §3.6.1 and its tags), §6.1.3 computes the
 hashes and checks the signature.  RFC 8301 adds the algorithm and key size
 rules (§3.1: no rsa-sha1; §3.2: RSA keys of at least 1024 bits), RFC 8463 the
-ed25519-sha256 algorithm.  Canonicalisation (§3.4), hashing and the public-key
-operation are dkimpy's; every decision about the outcome is made here, so each
-one gets its RFC 8601 §2.7.1 result code and a reason a postmaster can read.
+ed25519-sha256 algorithm.  The signature framework is dkimpy's; canonicalisation
+(§3.4) is done here, result for result the same as dkimpy's, so that a large
+body is hashed in place, window by window, and never copied whole.  Every
+decision about the outcome is made here, so each one gets its RFC 8601 §2.7.1
+result code and a reason a postmaster can read.
 
 Result codes (RFC 8601 §2.7.1).  ``fail`` is kept for a signature that could
 be checked and did not match; a signature that could not be checked at all is
@@ -62,7 +64,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +82,15 @@ from .resolver import DNSFailure, DNSSession, DNSStatus
 from .results import DKIMOutcome, DKIMResultCode, DKIMSignatureResult
 from .taglist import domain_or_empty, header_text, loose_tags
 
-__all__ = ["ENGINE_LOGGER", "FastVerifyMixin", "KeyRecord", "load_key", "verify_dkim"]
+__all__ = [
+    "BODY_WINDOW",
+    "ENGINE_LOGGER",
+    "FastVerifyMixin",
+    "KeyRecord",
+    "canonical_body_chunks",
+    "load_key",
+    "verify_dkim",
+]
 
 # dkimpy logs every failed check at ERROR level (and formats debug text
 # eagerly).  The milter writes one summary line per message, so dkimpy gets a
@@ -128,11 +138,14 @@ class FastVerifyMixin:
     several signatures (DKIM, or the AMS and seals of an ARC chain) is
     parsed and canonicalised once.
 
-    ``set_message`` parses with :func:`parse_message` (dkimpy's parser splits
-    and rejoins the whole body line by line).  ``verify_sig_process`` (RFC
-    6376 §6.1.3) keeps the canonicalised headers per algorithm and the body
-    hash per (algorithm, hash, l=), uses :func:`relaxed_headers` and
-    :func:`relaxed_body`, and does the RSA public-key step with
+    ``set_message`` parses with :func:`split_message` (dkimpy's parser splits
+    and rejoins the whole body line by line) and leaves the body in place in
+    the message's bytes: dkimpy's ``body`` attribute stays empty, and nothing
+    here copies a large body whole.  ``verify_sig_process`` (RFC 6376
+    §6.1.3) keeps the canonicalised headers per algorithm and the body hash
+    per (algorithm, hash, l=), uses :func:`relaxed_headers` and
+    :func:`relaxed_body` (:func:`canonical_body_chunks` for a large body),
+    and does the RSA public-key step with
     ``int.from_bytes``/``pow`` instead of byte-at-a-time loops.  Its contract
     is dkimpy's: same arguments, ValidationError for a body hash mismatch,
     False for a signature that does not verify, KeyFormatError for an
@@ -141,7 +154,9 @@ class FastVerifyMixin:
     """
 
     headers: list[list[bytes]]
-    body: bytes
+    # The body is _data[_body_at:], read in place.
+    _data: bytes = b""
+    _body_at: int = 0
     pk: Any
     ktag: bytes | None
     keysize: int
@@ -156,8 +171,10 @@ class FastVerifyMixin:
         super().set_message(None)  # type: ignore[misc]
         self.__dict__.pop("_header_cache", None)
         self.__dict__.pop("_body_cache", None)
+        self.__dict__.pop("_wanted_hashes", None)
+        self._data, self._body_at = b"", 0
         if message:
-            self.headers, self.body = parse_message(message)
+            self.headers, self._data, self._body_at = split_message(message)
 
     def _canonical_headers(self, algorithm: Any) -> list[Any]:
         cache: dict[Any, list[Any]] = self.__dict__.setdefault("_header_cache", {})
@@ -174,23 +191,66 @@ class FastVerifyMixin:
         cache: dict[Any, Any] = self.__dict__.setdefault("_body_cache", {})
         key = (algorithm, hash_name, length)
         digest = cache.get(key)
-        if digest is None:
+        if digest is not None:
+            return bytes(digest)
+        relaxed = algorithm is RelaxedCanonicalization
+        data, start = self._data, self._body_at
+        if self.body_size <= BODY_WINDOW:
+            # A small body is canonicalised once and kept for every hash.
             body = cache.get(algorithm)
             if body is None:
-                if algorithm is RelaxedCanonicalization:
-                    body = relaxed_body(self.body)
-                else:
-                    body = algorithm.canonicalize_body(self.body)
+                body = data[start:]
+                body = relaxed_body(body) if relaxed else algorithm.canonicalize_body(body)
                 cache[algorithm] = body
+                cache[(algorithm, "length")] = len(body)
             if length is not None:
                 body = body[:length]
             digest = cache[key] = hashlib.new(hash_name, body).digest()
-        return bytes(digest)
+            return bytes(digest)
+        # A large body is hashed as it is canonicalised, window by window,
+        # never held canonicalised whole.  Every hash expected with this
+        # canonicalisation is computed in the same pass, so the body is
+        # canonicalised once per algorithm, however many l= values the
+        # signatures carry.
+        wanted: set[Any] = self.__dict__.get("_wanted_hashes", set())
+        keys = {key} | {k for k in wanted if k[0] is algorithm and k not in cache}
+        hashers = [(k, hashlib.new(k[1]), k[2]) for k in keys]
+        size = 0
+        for chunk in canonical_body_chunks(data, start, relaxed=relaxed):
+            for _, hasher, limit in hashers:
+                if limit is None:
+                    hasher.update(chunk)
+                elif size < limit:
+                    hasher.update(chunk[: limit - size])
+            size += len(chunk)
+        cache[(algorithm, "length")] = size
+        for k, hasher, _ in hashers:
+            cache[k] = hasher.digest()
+        return bytes(cache[key])
+
+    def expect_body_hash(self, sig: dict[bytes, bytes]) -> None:
+        """Note the body hash a checked signature (tags as verified) will
+        need, so that a large body is canonicalised once for all of them."""
+        try:
+            policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+            hash_name = dkim.crypto.HASH_ALGORITHMS[sig[b"a"]]().name
+        except (InvalidCanonicalizationPolicyError, KeyError):
+            return
+        length = int(sig[b"l"]) if b"l" in sig else None
+        wanted: set[Any] = self.__dict__.setdefault("_wanted_hashes", set())
+        wanted.add((policy.body_algorithm, hash_name, length))
+
+    @property
+    def body_size(self) -> int:
+        return len(self._data) - self._body_at
 
     def canonical_body_length(self, c_value: bytes) -> int:
         algorithm = CanonicalizationPolicy.from_c_value(c_value).body_algorithm
-        self._body_digest(algorithm, "sha256", None)  # fills the body cache
-        return len(self.__dict__["_body_cache"][algorithm])
+        cache: dict[Any, Any] = self.__dict__.setdefault("_body_cache", {})
+        if (algorithm, "length") not in cache:
+            self._body_digest(algorithm, "sha256", None)  # records the length
+        length: int = cache[(algorithm, "length")]
+        return length
 
     def verify_sig_process(
         self,
@@ -250,12 +310,19 @@ _HEADER_NAME = re.compile(rb"([\x21-\x7e]+?):")
 def parse_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
     """Header fields and body exactly as ``dkim.rfc822_parse`` returns them
     (names and values as sent, values with their CRLF; the body with every
-    line ending made CRLF), raising MessageFormatError where it does.  Only
-    the header section is split into lines; the body is rewritten only when
-    it has bare LFs."""
-    rest: bytes | None
+    line ending made CRLF), raising MessageFormatError where it does."""
+    headers, data, start = split_message(message)
+    return headers, data[start:]
+
+
+def split_message(message: bytes) -> tuple[list[list[bytes]], bytes, int]:
+    """:func:`parse_message` with the body left where it is: the header
+    fields, and the bytes holding the body with the offset where it starts
+    (``message`` itself, unless the body has bare LFs and is rewritten).
+    Only the header section is split into lines."""
+    rest: int | None
     if message.startswith((b"\n", b"\r\n")):
-        head, rest = b"", message[message.index(b"\n") + 1 :]
+        head, rest = b"", message.index(b"\n") + 1
     else:
         match = _BLANK_LINE.search(message)
         if match is None:
@@ -263,7 +330,7 @@ def parse_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
         else:
             # The CR before the first LF belongs to that line's ending.
             head = message[: match.start()].removesuffix(b"\r")
-            rest = message[match.end() :]
+            rest = match.end()
     headers: list[list[bytes]] = []
     for line in _LINE_BREAK.split(head) if head else []:
         if not line:
@@ -277,10 +344,10 @@ def parse_message(message: bytes) -> tuple[list[list[bytes]], bytes]:
         elif not line.startswith(b"From "):
             raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
     if rest is None:
-        return headers, b""
-    if rest.count(b"\n") != rest.count(b"\r\n"):
-        rest = _LINE_BREAK.sub(b"\r\n", rest)
-    return headers, rest
+        return headers, b"", 0
+    if message.count(b"\n", rest) != message.count(b"\r\n", rest):
+        return headers, _LINE_BREAK.sub(b"\r\n", message[rest:]), 0
+    return headers, message, rest
 
 
 # Relaxed canonicalisation (RFC 6376 §3.4.2, §3.4.4), result for result the
@@ -306,12 +373,7 @@ def relaxed_headers(headers: Sequence[Sequence[bytes]]) -> list[tuple[bytes, byt
 
 def relaxed_body(body: bytes) -> bytes:
     """RFC 6376 §3.4.4 for a CRLF body."""
-    # The substring tests are much cheaper than a regex scan that finds
-    # nothing, which is the usual case.
-    if b" \r\n" in body or b"\t\r\n" in body:
-        body = _TRAILING_WSP.sub(b"\r\n", body)
-    if b"\t" in body or b"  " in body:
-        body = _WSP_RUN.sub(b" ", body)
+    body = _relaxed_lines(body)
     # RFC 6376 §3.4.3/§3.4.4: no trailing empty lines; a non-empty body ends
     # in CRLF; an empty body stays empty.
     end = len(body)
@@ -322,6 +384,95 @@ def relaxed_body(body: bytes) -> bytes:
         # large body.
         return body
     return body[:end] + b"\r\n" if end else b""
+
+
+def _relaxed_lines(body: bytes) -> bytes:
+    """RFC 6376 §3.4.4 rules a and b: WSP at line ends removed, other WSP
+    runs made one space."""
+    # The substring tests are much cheaper than a regex scan that finds
+    # nothing, which is the usual case.
+    if b" \r\n" in body or b"\t\r\n" in body:
+        body = _TRAILING_WSP.sub(b"\r\n", body)
+    if b"\t" in body or b"  " in body:
+        body = _WSP_RUN.sub(b" ", body)
+    return body
+
+
+# A body longer than this is canonicalised and hashed in windows of this
+# size (a few transient copies of one window, whatever the body's size);
+# a shorter one is canonicalised whole, once per message.
+BODY_WINDOW = 1 << 16
+_CRLF_BLOCK = b"\r\n" * 2048
+
+
+def canonical_body_chunks(
+    data: bytes, start: int, *, relaxed: bool, window: int = BODY_WINDOW
+) -> Iterator[bytes | memoryview]:
+    """The canonical body of ``data[start:]`` (CRLF line endings), RFC 6376
+    §3.4.3 simple or §3.4.4 relaxed, in pieces of at most about ``window``
+    bytes: joined, the same bytes as dkimpy's canonicalisation (tests check
+    it), without a copy of the whole body."""
+    stop = len(data)
+    if not relaxed:
+        # Simple changes nothing but the empty lines at the end: the body is
+        # hashed in place up to them, then one CRLF.
+        end = _content_end(data, start, stop)
+        view = memoryview(data)
+        for at in range(start, end, window):
+            yield view[at : min(at + window, end)]
+        yield b"\r\n"
+        return
+    pending = 0  # CRLFs held back: they end the body if nothing follows
+    content = False
+    carry = b""
+    at = start
+    while at < stop:
+        cut = min(at + window, stop)
+        piece = carry + data[at:cut]
+        at = cut
+        carry = b""
+        if at < stop:
+            piece, carry = _split_wsp_tail(piece)
+        out = _relaxed_lines(piece)
+        end = _content_end(out, 0, len(out))
+        if end:
+            while pending:
+                count = min(pending, len(_CRLF_BLOCK) // 2)
+                yield _CRLF_BLOCK[: 2 * count]
+                pending -= count
+            yield out if end == len(out) else memoryview(out)[:end]
+            content = True
+        pending += (len(out) - end) // 2
+    if content:
+        yield b"\r\n"
+
+
+def _split_wsp_tail(piece: bytes) -> tuple[bytes, bytes]:
+    """``piece`` less its trailing WSP and a final CR, which the next window
+    may turn into trailing whitespace or a line ending; they are carried
+    over with the run of WSP made one space, which both relaxed rules treat
+    alike.  So the carry is at most two bytes, and no rule spans a cut."""
+    keep = len(piece)
+    cr = piece.endswith(b"\r")
+    if cr:
+        keep -= 1
+    head = keep
+    if keep and piece[keep - 1] in (0x09, 0x20):
+        head = len((piece[:keep] if cr else piece).rstrip(b" \t"))
+    if head == len(piece):
+        return piece, b""
+    return piece[:head], (b" " if head < keep else b"") + (b"\r" if cr else b"")
+
+
+def _content_end(data: bytes, start: int, end: int) -> int:
+    """Where the run of CRLFs that ends ``data[start:end]`` begins (RFC 6376
+    §3.4.3: empty lines at the end of the body are ignored)."""
+    # Blocks first, so a body of a million empty lines costs few steps.
+    while data.endswith(_CRLF_BLOCK, start, end):
+        end -= len(_CRLF_BLOCK)
+    while data.endswith(b"\r\n", start, end):
+        end -= 2
+    return end
 
 
 def _rsa_verify(digest: Any, signature: bytes, pk: dict[str, int]) -> bool:
@@ -461,6 +612,16 @@ class DKIMVerifier:
         self._domains = [
             domain_or_empty(loose_tags(header[1]).get(b"d", b"")) for header in self._headers
         ]
+        if engine.body_size > BODY_WINDOW:
+            # A large body is hashed in one pass per canonicalisation for
+            # every signature that may need it (FastVerifyMixin._body_digest);
+            # a signature verified later without this costs a pass of its own,
+            # and at most max_signatures are verified.
+            for header in self._headers[:max_signatures]:
+                try:
+                    engine.expect_body_hash(_parse_signature(header[1]))
+                except Exception:
+                    continue  # reported when the signature is checked
 
     def verify(self, session: DNSSession, select: Callable[[str], bool] | None = None) -> None:
         """Verify, top to bottom, the signatures not yet verified whose

@@ -9,6 +9,7 @@ over CRLF lines.
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 
@@ -77,9 +78,28 @@ class Message:
         (the milter protocol's SMFIP_HDR_LEADSPC), so the header section is
         rebuilt byte for byte, as DKIM's simple canonicalisation needs;
         otherwise the MTA dropped one space after the colon and one is put
-        back.  The body is copied once, into ``raw`` (a bytearray body, as
-        the milter gathers it, is not copied before that).
+        back.  The milter itself gathers the body with :class:`MessageBuffer`,
+        which holds it once.
         """
+        buffer = MessageBuffer(headers, leading_space=leading_space)
+        buffer.write(body)
+        return buffer.message()
+
+
+class MessageBuffer:
+    """A message from milter callbacks, gathered into one buffer: the header
+    section (known once the body starts), then each body chunk as it comes.
+
+    :meth:`message` hands the buffer's own bytes object to the Message
+    (``io.BytesIO.getvalue`` trims it in place and returns it), so a large
+    body is held once, not once as it arrives and again as ``raw``.  Line
+    endings are made CRLF chunk by chunk, a CR at the end of a chunk waiting
+    for the next one, with the same result as converting the whole body.
+    """
+
+    __slots__ = ("_buffer", "_cr", "_fields")
+
+    def __init__(self, headers: list[tuple[str, str]], *, leading_space: bool = False) -> None:
         lines = []
         fields = []
         separator = ":" if leading_space else ": "
@@ -88,8 +108,35 @@ class Message:
             folded = value.replace("\r\n", "\n").replace("\n", "\r\n")
             lines.append(f"{name}{separator}{folded}".encode("utf-8", "surrogateescape"))
             fields.append((name, value.lstrip(" \t") if leading_space else value))
-        raw = b"\r\n".join(lines) + b"\r\n\r\n" + _to_crlf(body)
-        return cls(tuple(fields), raw)
+        self._fields = tuple(fields)
+        self._buffer = io.BytesIO()
+        self._buffer.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        self._cr = False
+
+    def write(self, chunk: bytes | bytearray) -> None:
+        """Append a body chunk."""
+        if not chunk:
+            return
+        if self._cr:
+            self._cr = False
+            if chunk.startswith(b"\n"):
+                self._buffer.write(b"\r\n")
+                chunk = chunk[1:]
+            else:
+                self._buffer.write(b"\r")
+        if chunk.endswith(b"\r"):
+            self._cr = True
+            chunk = chunk[:-1]
+        self._buffer.write(_to_crlf(chunk))
+
+    def message(self) -> Message:
+        """The message, once: the buffer is closed afterwards."""
+        if self._cr:
+            self._buffer.write(b"\r")
+            self._cr = False
+        raw = self._buffer.getvalue()
+        self._buffer.close()
+        return Message(self._fields, raw)
 
 
 def _split_head_body(data: bytes) -> tuple[bytes, bytes, bytes]:

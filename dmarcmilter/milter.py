@@ -54,7 +54,7 @@ from .config import Config
 from .errors import InputError
 from .evaluation import Envelope, Evaluation, evaluate
 from .history.writer import HistoryWriter
-from .message import Message
+from .message import MessageBuffer
 from .policy import (
     Action,
     Decision,
@@ -198,8 +198,9 @@ class _Transaction:
     header_bytes: int = 0
     headers_cut: bool = False
     late_fields: int = 0
-    # Grown in place: the body is held once, not as chunks and a join.
-    body: bytearray | None = None
+    # The message from its first body chunk on (the header section is
+    # complete by then), in one buffer: a large body is held once.
+    buffer: MessageBuffer | None = None
     body_bytes: int = 0
     body_cut: bool = False
 
@@ -253,7 +254,6 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             authenticated=self._macro("{auth_authen}"),
             recipients=[],
             headers=[],
-            body=bytearray(),
         )
         return CONTINUE
 
@@ -288,16 +288,18 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
     @_noreply
     def body(self, chunk: bytes) -> int:
         txn = self.txn
-        if txn is None or txn.body is None:
+        if txn is None or txn.body_cut:
             return CONTINUE
         txn.body_bytes += len(chunk)
         if txn.body_bytes > self.runtime.config.milter.max_body_bytes:
             # Past the limit nothing more is kept, and what was kept is let
             # go at once: memory stays bounded whatever the MTA sends.
             txn.body_cut = True
-            txn.body = None
+            txn.buffer = None
             return CONTINUE
-        txn.body += chunk
+        if txn.buffer is None:
+            txn.buffer = MessageBuffer(txn.headers, leading_space=self._leading_space())
+        txn.buffer.write(chunk)
         return CONTINUE
 
     def eom(self) -> int:
@@ -478,10 +480,13 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                 action=refusal.action.value if refusal else "accept",
             )
             return code
-        body = txn.body if txn.body is not None else b""
-        message = Message.from_parts(txn.headers, body, leading_space=lead)
-        txn.body = None  # the message holds it now
-        del body
+        # A body cut at the limit was let go: the message is its header.
+        buffer = txn.buffer
+        if buffer is None:
+            buffer = MessageBuffer(txn.headers, leading_space=lead)
+        txn.buffer = None  # the message holds it now
+        message = buffer.message()
+        del buffer
         upstream = upstream_results(headers, runtime.upstream_trust, envelope, owned)
         evaluation = evaluate(
             envelope,

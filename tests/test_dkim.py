@@ -8,12 +8,21 @@ import logging
 import random
 import re
 import time
+from typing import Any
 
 import dkim
 import pytest
-from dkim.canonicalization import Relaxed
+from dkim.canonicalization import Relaxed, Simple
 
-from dmarcmilter.dkim import parse_message, relaxed_body, relaxed_headers, verify_dkim
+from dmarcmilter import dkim as dkim_module
+from dmarcmilter.dkim import (
+    BODY_WINDOW,
+    canonical_body_chunks,
+    parse_message,
+    relaxed_body,
+    relaxed_headers,
+    verify_dkim,
+)
 from dmarcmilter.resolver import QueryLogEntry, Resolver
 from dmarcmilter.results import DKIMOutcome, DKIMResultCode
 from tests.dnsserver import TestDNSServer
@@ -223,6 +232,125 @@ def test_l_tag_shorter_than_signed_prefix_of_body(
     signed = dkim_sign(make_message(body="Hello world\n"), "example.com", "s", length=5)
     (sig,) = verify_dkim(signed, resolver.session(), accept_partial_body=True).signatures
     assert sig.result is PASS and "8 body octets unsigned" in sig.reason
+
+
+# A body past BODY_WINDOW is canonicalised and hashed window by window; a tab,
+# a double space and trailing whitespace on each line give every relaxed rule
+# work, and windows cut lines at every offset.
+_LARGE_BODY = b"one\ttwo  three \r\n \t\r\nfour\r\n" * (3 * BODY_WINDOW // 29) + b"\r\n \r\n"
+
+
+@pytest.mark.parametrize("canonicalize", [("relaxed", "relaxed"), ("relaxed", "simple")])
+def test_large_body_streamed_signatures_pass(
+    dns_server: TestDNSServer, resolver: Resolver, canonicalize: tuple[str, str]
+) -> None:
+    dns_server.add_zone(dkim_zone("example.com", "s"))
+    message = make_message(body=_LARGE_BODY)
+    signed = dkim_sign(message, "example.com", "s", canonicalize=canonicalize)
+    (sig,) = verify_dkim(signed, resolver.session()).signatures
+    assert (sig.result, sig.reason) == (PASS, "")
+    (broken,) = verify_dkim(signed.replace(b"four", b"fout", 1), resolver.session()).signatures
+    assert (broken.result, broken.reason) == (FAIL, "body hash mismatch")
+
+
+@pytest.mark.parametrize("canonicalize", [("relaxed", "relaxed"), ("relaxed", "simple")])
+def test_large_body_l_tag_is_honoured(
+    dns_server: TestDNSServer, resolver: Resolver, canonicalize: tuple[str, str]
+) -> None:
+    dns_server.add_zone(dkim_zone("example.com", "s"))
+    message = make_message(body=_LARGE_BODY)
+    body = message.split(b"\r\n\r\n", 1)[1]
+    algorithm = Relaxed if canonicalize[1] == "relaxed" else Simple
+    size = len(algorithm.canonicalize_body(body))
+    signed = dkim_sign(message, "example.com", "s", canonicalize=canonicalize, length=True)
+    (sig,) = verify_dkim(signed + b"appended\r\n", resolver.session()).signatures
+    # Relaxed: the whitespace line that ended the body counts once text
+    # follows it.
+    unsigned = len(algorithm.canonicalize_body(body + b"appended\r\n")) - size
+    assert unsigned == (14 if algorithm is Relaxed else 10)
+    assert (sig.result, sig.reason) == (
+        DKIMResultCode.POLICY,
+        f"l= leaves {unsigned} body octets unsigned",
+    )
+    # A prefix ending inside a window, and an l= past the end.
+    prefix = dkim_sign(
+        message, "example.com", "s", canonicalize=canonicalize, length=BODY_WINDOW + 7
+    )
+    (sig,) = verify_dkim(prefix, resolver.session(), accept_partial_body=True).signatures
+    assert sig.result is PASS
+    assert sig.reason == f"l= leaves {size - BODY_WINDOW - 7} body octets unsigned"
+    longer = dkim_sign(message, "example.com", "s", canonicalize=canonicalize, length=size + 1)
+    (sig,) = verify_dkim(longer, resolver.session()).signatures
+    assert (sig.result, sig.reason) == (FAIL, f"l={size + 1} exceeds the body length ({size})")
+
+
+def test_large_body_is_canonicalised_once_for_every_l_tag(
+    dns_server: TestDNSServer, resolver: Resolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each l= value needs its own hash, never its own canonicalisation pass
+    # over a large body: the signatures' hashes are computed together.
+    dns_server.add_zone(dkim_zone("example.com", "s"))
+    signed = make_message(body=_LARGE_BODY)
+    lengths = [BODY_WINDOW // 3, BODY_WINDOW + 1, 2 * BODY_WINDOW, True, None]
+    for length in lengths:
+        signed = dkim_sign(
+            signed,
+            "example.com",
+            "s",
+            canonicalize=("relaxed", "relaxed"),
+            length=False if length is None else length,
+        )
+    passes: list[bool] = []
+    real = dkim_module.canonical_body_chunks
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        passes.append(kwargs["relaxed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dkim_module, "canonical_body_chunks", counted)
+    outcome = verify_dkim(signed, resolver.session(), accept_partial_body=True)
+    assert [s.result for s in outcome.signatures] == [PASS] * len(lengths)
+    assert passes == [True]
+
+
+def test_streamed_canonicalisation_matches_dkimpy() -> None:
+    rng = random.Random(6376)
+    pieces = [b" ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b"b c", b"  "]
+    for _ in range(4000):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+        lead = b"H" * rng.randrange(0, 3)
+        window = rng.randrange(1, 9)
+        for relaxed, algorithm in ((True, Relaxed), (False, Simple)):
+            chunks = canonical_body_chunks(lead + data, len(lead), relaxed=relaxed, window=window)
+            assert b"".join(chunks) == algorithm.canonicalize_body(data)
+
+
+def test_streamed_canonicalisation_matches_dkimpy_property() -> None:
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    tokens = st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"a", b"  b"])
+    data = st.lists(tokens, max_size=60).map(b"".join) | st.binary(max_size=80)
+
+    @hypothesis.settings(max_examples=500, deadline=None, database=None)
+    @hypothesis.given(data, st.integers(min_value=1, max_value=16))
+    def check(raw: bytes, window: int) -> None:
+        for relaxed, algorithm in ((True, Relaxed), (False, Simple)):
+            chunks = canonical_body_chunks(raw, 0, relaxed=relaxed, window=window)
+            assert b"".join(chunks) == algorithm.canonicalize_body(raw)
+
+    check()
+
+
+def test_empty_lines_across_windows_end_the_body() -> None:
+    # Held back window after window, then dropped at the end; a body of
+    # nothing but empty lines is empty (relaxed) or one CRLF (simple).
+    body = b"text\r\n" + b"\r\n" * 300_000 + b" \t\r\n" * 1000 + b"\r\n" * 5000
+    for data in (body, body[6:]):
+        for relaxed, algorithm in ((True, Relaxed), (False, Simple)):
+            chunks = canonical_body_chunks(data, 0, relaxed=relaxed)
+            assert b"".join(chunks) == algorithm.canonicalize_body(data)
+    assert b"".join(canonical_body_chunks(body, 0, relaxed=True)) == b"text\r\n"
+    assert b"".join(canonical_body_chunks(body[6:], 0, relaxed=True)) == b""
 
 
 # -- permerror: the key -------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from dmarcmilter.errors import InputError
-from dmarcmilter.message import Message
+from dmarcmilter.message import Message, MessageBuffer
 
 
 def test_lf_file_becomes_crlf_and_keeps_folding() -> None:
@@ -58,3 +60,47 @@ def test_from_parts_matches_from_bytes() -> None:
     )
     stored = Message.from_bytes(b"From: a@example.com\nSubject: one\n two\n\nbody\nline\n")
     assert parts.raw == stored.raw
+
+
+def test_message_buffer_joins_chunks_as_one_body() -> None:
+    # Line endings are made CRLF across chunk boundaries, a CR at the end of
+    # a chunk waiting for the next: the same bytes as the body in one piece.
+    body = b"one\r\ntwo\nthree\r\rfour\r\n\rfive\r"
+    expected = Message.from_parts([("From", "a@example.com")], body).raw
+    assert expected.endswith(b"\r\n\r\none\r\ntwo\r\nthree\r\rfour\r\n\rfive\r")
+    for cut in range(len(body) + 1):
+        for second in range(cut, len(body) + 1):
+            buffer = MessageBuffer([("From", "a@example.com")])
+            for chunk in (body[:cut], body[cut:second], body[second:]):
+                buffer.write(chunk)
+            message = buffer.message()
+            assert message.raw == expected and type(message.raw) is bytes
+            assert message.headers == (("From", "a@example.com"),)
+
+
+def test_message_buffer_keeps_leading_space_values() -> None:
+    buffer = MessageBuffer([("Subject", " hi\n there")], leading_space=True)
+    buffer.write(b"x\r\n")
+    message = buffer.message()
+    assert message.raw == b"Subject: hi\r\n there\r\n\r\nx\r\n"
+    assert message.headers == (("Subject", "hi\n there"),)
+
+
+def test_message_buffer_holds_a_large_body_once() -> None:
+    chunk = b"x" * 78 + b"\r\n"
+    chunks = 16 * 1024 * 1024 // (len(chunk) * 800)
+    tracemalloc.start()
+    try:
+        buffer = MessageBuffer([("From", "a@example.com")])
+        for _ in range(chunks):
+            buffer.write(chunk * 800)
+        message = buffer.message()
+        del buffer
+        size = len(message.raw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The buffer grows in place and becomes the message's bytes; its
+    # over-allocation while growing is the only extra.
+    assert size > 15 * 1024 * 1024
+    assert peak < 1.3 * size
