@@ -72,7 +72,7 @@ def plan(
     owned: Set[str],
 ) -> MilterActions:
     """Everything to do for an evaluated message."""
-    remove = forged_fields(headers, owned)
+    remove = forged_fields(headers, owned) if owned else ()
     if decision.action in (Action.REJECT, Action.TEMPFAIL):
         # The message is refused: there is nothing to edit.
         return MilterActions(verdict=decision.action, reply=decision.reply)

@@ -554,6 +554,16 @@ def verify_dkim(
     return verifier.outcome()
 
 
+# The first d= tag of a signature (as loose_tags reads it: the first spec
+# whose name, stripped, is "d"), without parsing the whole tag list.
+_D_TAG = re.compile(rb"(?:^|;)\s*d\s*=([^;]*)")
+
+
+def _signing_domain(value: bytes) -> str:
+    found = _D_TAG.search(value)
+    return domain_or_empty(found.group(1)) if found else ""
+
+
 class DKIMVerifier:
     """The signatures of one message, verified in as many rounds as the
     caller wants: the evaluation first verifies the signatures whose ``d=``
@@ -609,9 +619,7 @@ class DKIMVerifier:
         self._engine = engine
         self._headers = [h for h in engine.headers if h[0].lower() == b"dkim-signature"]
         self._results = [None] * len(self._headers)
-        self._domains = [
-            domain_or_empty(loose_tags(header[1]).get(b"d", b"")) for header in self._headers
-        ]
+        self._domains = [_signing_domain(header[1]) for header in self._headers]
         if engine.body_size > BODY_WINDOW:
             # A large body is hashed in one pass per canonicalisation for
             # every signature that may need it (FastVerifyMixin._body_digest);

@@ -306,6 +306,7 @@ class Aligner:
         self.temperror = False
         self.detail = ""
         self._author_od: OrgDomainResult | None = None
+        self._author_name = _name(author_domain)
 
     @property
     def record(self) -> DMARCRecord | None:
@@ -327,7 +328,7 @@ class Aligner:
         """:func:`could_align` against this Author Domain, for ``mode``."""
         if not identifier:
             return False
-        if _name(identifier) == _name(self.author_domain):
+        if identifier == self.author_domain or _name(identifier) == self._author_name:
             return True
         if mode is AlignmentMode.STRICT:
             return False
@@ -354,7 +355,7 @@ class Aligner:
         Organizational Domains, each found by its own walk (§4.10.2)."""
         if not self.could_align(identifier, mode):
             return Alignment.NONE
-        if _name(identifier) == _name(self.author_domain):
+        if identifier == self.author_domain or _name(identifier) == self._author_name:
             return Alignment.STRICT
         author_od = self.author_organizational_domain()
         if author_od.temperror:

@@ -313,13 +313,15 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             # First, on its own: forged fields must be gone whatever fails
             # later, even an internal error answered with "accept".
             try:
-                removed = self._strip_forged(txn)
+                owned = self._owned()
+                headers = self._text_headers(txn)
+                removed = self._strip_forged(headers, owned)
             except Milter.error:
                 # The MTA connection failed: the transaction is abandoned.
                 self._log_line(txn, started, aborted=True)
                 return TEMPFAIL
             stripped = True
-            return self._end_of_message(txn, started, removed)
+            return self._end_of_message(txn, started, removed, headers, owned)
         except Exception:
             return self._internal_error(txn, started, stripped, removed)
         finally:
@@ -372,9 +374,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         of them is forged, and none of them is ever trusted)."""
         return self.runtime.owned_ids | own_ids(self._authserv_id(), self._macro("j"))
 
-    def _strip_forged(self, txn: _Transaction) -> int:
-        owned = self._owned()
-        remove = forged_fields(self._text_headers(txn), owned)
+    def _strip_forged(self, headers: list[tuple[str, str]], owned: frozenset[str]) -> int:
+        remove = forged_fields(headers, owned)
         if remove and not self._actions & Milter.CHGHDRS:
             # They cannot be removed, so the message must not go through
             # as if they had been (an internal error: tempfail by default).
@@ -428,13 +429,18 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             return False
         return True
 
-    def _end_of_message(self, txn: _Transaction, started: float, removed: int) -> int:
+    def _end_of_message(
+        self,
+        txn: _Transaction,
+        started: float,
+        removed: int,
+        headers: list[tuple[str, str]],
+        owned: frozenset[str],
+    ) -> int:
         runtime = self.runtime
         config = runtime.config
         queue_id = self._queue_id()
-        owned = self._owned()
         lead = self._leading_space()
-        headers = self._text_headers(txn)
         if self.client_ip is None and not self.connected:
             self.client_ip = self._client_address()
         context = LocalContext(self.client_ip, txn.authenticated, not txn.headers_cut)

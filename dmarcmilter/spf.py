@@ -11,6 +11,7 @@ the per-message time budget and the query log with every other check.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import threading
 from dataclasses import dataclass, replace
@@ -216,6 +217,17 @@ def check_spf(
 
 
 def _client_ip(client_ip: str) -> str:
+    if len(client_ip) <= _CACHEABLE_IP_CHARS:
+        return _client_ip_cached(client_ip)
+    return _parse_client_ip(client_ip)
+
+
+# Clients come back, and one message checks two identities: the parsed
+# address is kept for a few thousand of them (short texts only).
+_CACHEABLE_IP_CHARS = 64
+
+
+def _parse_client_ip(client_ip: str) -> str:
     text = client_ip.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -233,6 +245,9 @@ def _client_ip(client_ip: str) -> str:
             # A zone index is local to this host and means nothing to a policy.
             return str(ipaddress.IPv6Address(int(address)))
     return str(address)
+
+
+_client_ip_cached = functools.lru_cache(maxsize=4096)(_parse_client_ip)
 
 
 def _reverse_path(mail_from: str) -> str:

@@ -11,8 +11,10 @@ import time
 from typing import Any
 
 import dkim
+import hypothesis
 import pytest
 from dkim.canonicalization import Relaxed, Simple
+from hypothesis import strategies as st
 
 from dmarcmilter import dkim as dkim_module
 from dmarcmilter.dkim import (
@@ -25,6 +27,7 @@ from dmarcmilter.dkim import (
 )
 from dmarcmilter.resolver import QueryLogEntry, Resolver
 from dmarcmilter.results import DKIMOutcome, DKIMResultCode
+from dmarcmilter.taglist import domain_or_empty, loose_tags
 from tests.dnsserver import TestDNSServer
 from tests.signing import (
     FIXED_TIMESTAMP,
@@ -733,3 +736,22 @@ def test_key_record_larger_than_any_key_is_permerror(
     resolver.clear_cache()
     (sig,) = verify_dkim(message, resolver.session()).signatures
     assert sig.result is DKIMResultCode.PASS
+
+
+@hypothesis.given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"d", b" d ", b"dd", b"s", b"\r\n\td", b"", b"v"]),
+            st.sampled_from([b"=", b" = ", b""]),
+            st.sampled_from([b"example.com", b" Ex.ORG ", b"", b"a b", b"x.y;"]),
+        ),
+        max_size=6,
+    )
+)
+@hypothesis.settings(derandomize=True, database=None, max_examples=300)
+def test_signing_domain_is_the_first_d_tag(specs: list[tuple[bytes, bytes, bytes]]) -> None:
+    # The quick d= scan that orders verification reads the signature as the
+    # tag-list parser does.
+    value = b";".join(name + eq + val for name, eq, val in specs)
+    expected = domain_or_empty(loose_tags(value).get(b"d", b""))
+    assert dkim_module._signing_domain(value) == expected

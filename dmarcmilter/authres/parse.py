@@ -302,6 +302,9 @@ _MAX_A_LABEL = 63
 
 def _fold(text: str) -> str:
     """NFKC case fold, then the characters IDNA maps to nothing removed."""
+    if text.isascii():
+        # NFKC leaves ASCII alone, and case folding it is lower-casing.
+        return text.lower()
     text = unicodedata.normalize("NFKC", text.translate(_IDEOGRAPHIC_DOTS))
     text = unicodedata.normalize("NFKC", text.casefold()).translate(_IDEOGRAPHIC_DOTS)
     if not text.isascii():

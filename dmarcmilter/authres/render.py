@@ -58,13 +58,19 @@ MILTER_MAX_DATA = 65535
 assert MAX_RENDERED_CHARS < MILTER_MAX_DATA // 2
 
 
+# Anything outside printable ASCII (with or without tab), one character at
+# a time, to be written as "?".
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+_NOT_PRINTABLE_OR_TAB = re.compile(r"[^ -~\t]")
+
+
 def quote_value(value: str) -> str:
     """``value`` as an RFC 8601 pvalue.  Values come from the SMTP client
     (HELO, MAIL FROM) and from message headers (DKIM s=): anything outside
     printable ASCII (or tab) becomes "?", so the field is 7-bit clean whatever was
     sent, and never holds bytes that are not UTF-8 (which the milter library
     cannot send)."""
-    value = _cut("".join(c if " " <= c <= "~" or c == "\t" else "?" for c in value))
+    value = _cut(_NOT_PRINTABLE_OR_TAB.sub("?", value))
     if _TOKEN.match(value) or _ADDRESS.match(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
@@ -74,7 +80,7 @@ def quote_value(value: str) -> str:
 def _reason(text: str) -> str:
     # Reasons come from DNS data and senders' headers: keep them printable
     # ASCII on one line, and short.
-    clean = "".join(c if " " <= c <= "~" else "?" for c in text.replace("\r\n", " "))
+    clean = _NOT_PRINTABLE.sub("?", text.replace("\r\n", " "))
     return f"reason={quote_value(_cut(clean, MAX_REASON_CHARS))}"
 
 
@@ -82,7 +88,7 @@ def plain_text(text: str, limit: int = MAX_VALUE_CHARS) -> str:
     """``text`` as printable ASCII on one line, at most ``limit`` characters:
     for a value from the message or DNS put into free text (a header
     field, a quarantine reason)."""
-    return _cut("".join(c if " " <= c <= "~" else "?" for c in text), limit)
+    return _cut(_NOT_PRINTABLE.sub("?", text), limit)
 
 
 def _cut(text: str, limit: int = MAX_VALUE_CHARS) -> str:
