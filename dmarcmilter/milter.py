@@ -36,6 +36,7 @@ adding and changing header fields and quarantine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -59,6 +60,7 @@ from .policy import (
     Action,
     Decision,
     LocalContext,
+    QuarantineMethod,
     SMTPReply,
     decide,
     incomplete_header,
@@ -504,6 +506,8 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         )
         decision = decide(evaluation, config.policy, context)
         actions = plan(evaluation, decision, headers, config, self.authserv_id, frozenset())
+        if decision.quarantine is QuarantineMethod.HEADER and not self._actions & Milter.ADDHDRS:
+            actions = self._quarantine_without_header(actions)
         own_report = not recorded(headers, config)
         failed = self._apply(actions)
         code = self._verdict_code(actions)
@@ -573,6 +577,19 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                 failed += 1
                 log.warning("could not write %s: %s", what, exc)
         return failed
+
+    def _quarantine_without_header(self, actions: MilterActions) -> MilterActions:
+        """The MTA does not let us add the quarantine header field: the
+        message must not be delivered unmarked (fail closed), so it goes to
+        the hold queue instead, or, when that is not allowed either, is
+        tempfailed."""
+        if self._actions & Milter.QUARANTINE:
+            log.warning("the MTA does not allow adding header fields: holding the message")
+            return dataclasses.replace(
+                actions, hold_reason="DMARC quarantine (the MTA refused the quarantine header)"
+            )
+        log.warning("the MTA allows neither header fields nor quarantine: tempfail")
+        return dataclasses.replace(actions, verdict=Action.TEMPFAIL, reply=INTERNAL_TEMPFAIL)
 
     def _verdict_code(self, actions: MilterActions) -> int:
         if actions.verdict in (Action.REJECT, Action.TEMPFAIL):

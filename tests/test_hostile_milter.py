@@ -68,6 +68,7 @@ from tests.milterclient import (
     ALL_ACTIONS,
     SMFIF_ADDHDRS,
     SMFIF_CHGHDRS,
+    SMFIF_QUARANTINE,
     EndOfMessage,
     MilterClient,
 )
@@ -196,6 +197,23 @@ def test_refused_header_write_keeps_the_reject(start: Start) -> None:
     eom = one(daemon, victim(), actions=ALL_ACTIONS & ~SMFIF_ADDHDRS)
     assert eom.reply.code == "550"
     check_golden("milter_no_addheader_reject", outcome_text(eom))
+
+
+def test_header_quarantine_the_mta_refuses_becomes_a_hold(start: Start) -> None:
+    # The default quarantine is a header field: an MTA that will not take it
+    # must not get the failing message unmarked.  It is held instead.
+    daemon = start()
+    eom = one(daemon, victim(), actions=ALL_ACTIONS & ~SMFIF_ADDHDRS)
+    assert [m.kind for m in eom.modifications] == ["quarantine"]
+    assert eom.reply.kind == "continue"
+    check_golden("milter_no_addheader_quarantine_header", outcome_text(eom))
+
+
+def test_header_quarantine_with_neither_headers_nor_hold_is_tempfailed(start: Start) -> None:
+    daemon = start()
+    eom = one(daemon, victim(), actions=ALL_ACTIONS & ~SMFIF_ADDHDRS & ~SMFIF_QUARANTINE)
+    assert eom.reply.code == "451"
+    check_golden("milter_no_addheader_no_hold", outcome_text(eom))
 
 
 def _worst_evaluation(signatures: int) -> Evaluation:
