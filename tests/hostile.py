@@ -13,11 +13,69 @@ The test modules ``tests/test_hostile_*.py`` each hold one class of attack.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from tests.milterclient import EndOfMessage
+from tests.daemon import MilterDaemon
+from tests.dnsserver import TestDNSServer
+from tests.milterclient import ALL_ACTIONS, EndOfMessage, MacroValues, MilterClient
 
 GOLDEN_HOSTILE = Path(__file__).resolve().parent / "golden" / "hostile"
+
+Start = Callable[..., MilterDaemon]
+
+
+def daemons(tmp_path: Path, dns_server: TestDNSServer, zone: dict[str, Any]) -> Iterator[Start]:
+    """For a module's ``start`` fixture: the zone served, and a function that
+    starts ``dmarcmilter run`` processes (each with ``config`` changes),
+    stopped at the end of the test."""
+    dns_server.set_zone(zone)
+    started: list[MilterDaemon] = []
+
+    def start_daemon(config: dict[str, Any] | None = None) -> MilterDaemon:
+        directory = tmp_path / f"d{len(started)}"
+        directory.mkdir()
+        daemon = MilterDaemon(directory, dns_server.port, config)
+        started.append(daemon)
+        return daemon.start()
+
+    try:
+        yield start_daemon
+    finally:
+        for daemon in started:
+            daemon.stop()
+
+
+def one_message(
+    daemon: MilterDaemon,
+    message: bytes,
+    *,
+    ip: str,
+    sender: str,
+    helo: str = "mx.attacker.example",
+    hostname: str | bytes | None = None,
+    actions: int = ALL_ACTIONS,
+    connect_macros: MacroValues | None = None,
+    queue_id: str = "4QID1",
+) -> EndOfMessage:
+    """One SMTP session with one message, as Postfix drives the milter."""
+    client = MilterClient(daemon.socket)
+    try:
+        client.negotiate(actions=actions)
+        client.connect(hostname if hostname is not None else helo, ip, macros=connect_macros)
+        client.helo(helo)
+        return client.send_message(
+            message,
+            sender=sender,
+            recipients=["user@receiver.example"],
+            macros_mail={"i": queue_id},
+            macros_eom={"i": queue_id},
+        )
+    finally:
+        client.quit()
+        client.close()
+
 
 # Header values longer than this are shown as their start, their length and
 # their end: a golden file stays readable when an attacker's header is huge.

@@ -14,7 +14,7 @@ names were asked and in what order.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import pytest
 
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
-from tests.hostile import check_golden, outcome_text
+from tests.hostile import Start, check_golden, daemons, one_message, outcome_text
 from tests.milterclient import EndOfMessage, MilterClient
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
@@ -42,24 +42,10 @@ ZONE: dict[str, Any] = {
     **dkim_zone("mail.bank.example", "s1"),
 }
 
-Start = Callable[..., MilterDaemon]
-
 
 @pytest.fixture
 def start(tmp_path: Path, dns_server: TestDNSServer) -> Iterator[Start]:
-    dns_server.set_zone(ZONE)
-    daemons: list[MilterDaemon] = []
-
-    def start_daemon(config: dict[str, Any] | None = None) -> MilterDaemon:
-        directory = tmp_path / f"d{len(daemons)}"
-        directory.mkdir()
-        daemon = MilterDaemon(directory, dns_server.port, config)
-        daemons.append(daemon)
-        return daemon.start()
-
-    yield start_daemon
-    for daemon in daemons:
-        daemon.stop()
+    yield from daemons(tmp_path, dns_server, ZONE)
 
 
 def send(client: MilterClient, message: bytes, sender: str, queue_id: str) -> EndOfMessage:
@@ -73,15 +59,7 @@ def send(client: MilterClient, message: bytes, sender: str, queue_id: str) -> En
 
 
 def one(daemon: MilterDaemon, message: bytes, sender: str = "x@attacker.example") -> EndOfMessage:
-    client = MilterClient(daemon.socket)
-    try:
-        client.negotiate()
-        client.connect(HELO, ATTACKER_IP)
-        client.helo(HELO)
-        return send(client, message, sender, "4QDNS1")
-    finally:
-        client.quit()
-        client.close()
+    return one_message(daemon, message, ip=ATTACKER_IP, sender=sender, helo=HELO, queue_id="4QDNS1")
 
 
 def asked(server: TestDNSServer) -> list[str]:

@@ -19,8 +19,8 @@ import pytest
 from dmarcmilter.authres.parse import parse
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
-from tests.hostile import check_golden, outcome_text
-from tests.milterclient import EndOfMessage, MilterClient
+from tests.hostile import check_golden, one_message, outcome_text
+from tests.milterclient import EndOfMessage
 from tests.signing import make_message
 
 ZONE: dict[str, Any] = {
@@ -68,21 +68,7 @@ def daemons(
 
 
 def run(daemon: MilterDaemon, raw: bytes) -> EndOfMessage:
-    client = MilterClient(daemon.socket)
-    try:
-        client.negotiate()
-        client.connect("mx.evil.example", ATTACKER_IP)
-        client.helo("mx.evil.example")
-        return client.send_message(
-            raw,
-            sender=SENDER,
-            recipients=["user@receiver.example"],
-            macros_mail={"i": "4QID1"},
-            macros_eom={"i": "4QID1"},
-        )
-    finally:
-        client.quit()
-        client.close()
+    return one_message(daemon, raw, ip=ATTACKER_IP, sender=SENDER, helo="mx.evil.example")
 
 
 def dmarc_result(eom: EndOfMessage) -> Any:

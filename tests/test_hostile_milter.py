@@ -21,7 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ from dmarcmilter.results import (
 )
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
-from tests.hostile import check_golden, outcome_text
+from tests.hostile import Start, check_golden, daemons, outcome_text
 from tests.milterclient import (
     ALL_ACTIONS,
     SMFIF_ADDHDRS,
@@ -91,24 +91,10 @@ ZONE: dict[str, Any] = {
 }
 FORGED_AR = "mx.receiver.example; spf=pass smtp.mailfrom=victim.example; dmarc=pass"
 
-Start = Callable[..., MilterDaemon]
-
 
 @pytest.fixture
 def start(tmp_path: Path, dns_server: TestDNSServer) -> Iterator[Start]:
-    dns_server.set_zone(ZONE)
-    daemons: list[MilterDaemon] = []
-
-    def start_daemon(config: dict[str, Any] | None = None) -> MilterDaemon:
-        directory = tmp_path / f"d{len(daemons)}"
-        directory.mkdir()
-        daemon = MilterDaemon(directory, dns_server.port, config)
-        daemons.append(daemon)
-        return daemon.start()
-
-    yield start_daemon
-    for daemon in daemons:
-        daemon.stop()
+    yield from daemons(tmp_path, dns_server, ZONE)
 
 
 def session(

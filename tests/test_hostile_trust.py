@@ -15,7 +15,7 @@ what the MTA is told with a golden file (tests/hostile.py):
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ import pytest
 
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
-from tests.hostile import check_golden, outcome_text
-from tests.milterclient import EndOfMessage, MilterClient
+from tests.hostile import Start, check_golden, daemons, one_message, outcome_text
+from tests.milterclient import EndOfMessage
 from tests.postfixserver import (
     MYHOSTNAME,
     PostfixInstances,
@@ -53,24 +53,10 @@ UPSTREAM = {
     }
 }
 
-Start = Callable[..., MilterDaemon]
-
 
 @pytest.fixture
 def start(tmp_path: Path, dns_server: TestDNSServer) -> Iterator[Start]:
-    dns_server.set_zone(ZONE)
-    daemons: list[MilterDaemon] = []
-
-    def start_daemon(config: dict[str, Any] | None = None) -> MilterDaemon:
-        directory = tmp_path / f"d{len(daemons)}"
-        directory.mkdir()
-        daemon = MilterDaemon(directory, dns_server.port, config)
-        daemons.append(daemon)
-        return daemon.start()
-
-    yield start_daemon
-    for daemon in daemons:
-        daemon.stop()
+    yield from daemons(tmp_path, dns_server, ZONE)
 
 
 def one(
@@ -81,21 +67,9 @@ def one(
     sender: str = "x@elsewhere.example",
     j: str = "mx.receiver.example",
 ) -> EndOfMessage:
-    client = MilterClient(daemon.socket)
-    try:
-        client.negotiate()
-        client.connect("mx.sender.example", ip, macros={"j": j})
-        client.helo("mx.sender.example")
-        return client.send_message(
-            message,
-            sender=sender,
-            recipients=["user@receiver.example"],
-            macros_mail={"i": "4QID1"},
-            macros_eom={"i": "4QID1"},
-        )
-    finally:
-        client.quit()
-        client.close()
+    return one_message(
+        daemon, message, ip=ip, sender=sender, helo="mx.sender.example", connect_macros={"j": j}
+    )
 
 
 def victim(*fields: tuple[str, str]) -> bytes:
