@@ -1,12 +1,15 @@
 """The act step: the header edits and the verdict the milter asks the MTA for.
 
-From an evaluation and its decision, :func:`plan` builds everything the
-milter does at end-of-message, as plain data, so that the milter only
+:func:`forged_fields` finds every incoming Authentication-Results field
+that claims our authserv-id, or another one we own: RFC 8601 §5 says an MTA
+MUST delete them, since they are forgeries when they arrive from outside.
+The milter removes them first, evaluated message or not, before anything
+else can fail.
+
+From an evaluation and its decision, :func:`plan` builds the rest of what
+the milter does at end-of-message, as plain data, so that the milter only
 carries it out and the tests can check it without an MTA:
 
-* remove every incoming Authentication-Results field that claims our
-  authserv-id, or another one we own: RFC 8601 §5 says an MTA MUST delete
-  them, since they are forgeries when they arrive from outside;
 * add our Authentication-Results at the top (RFC 8601 §5 ordering, like a
   trace field), and optionally a Received-SPF field (RFC 7208 §9.1);
 * add the quarantine marker or the monitor-mode note the decision asks for;
@@ -30,9 +33,6 @@ MONITOR_HEADER = "X-DMARC-Monitor"
 
 @dataclass(frozen=True, slots=True)
 class MilterActions:
-    # (field name as received, its 1-based index among fields of that
-    # name): the numbering smfi_chgheader uses.
-    remove: tuple[tuple[str, int], ...] = ()
     # Inserted at the top, topmost first.
     prepend: tuple[tuple[str, str], ...] = ()
     # Added at the end of the header.
@@ -47,8 +47,10 @@ def forged_fields(
     headers: Iterable[tuple[str, str]], owned: Set[str]
 ) -> tuple[tuple[str, int], ...]:
     """The Authentication-Results fields claiming an authserv-id in
-    ``owned`` (keys made with :func:`upstream.norm_id`), as any reader
-    could take them: see :func:`authres.parse.claims_authserv_id`."""
+    ``owned`` (keys made with :func:`upstream.norm_id`), as any reader could
+    take them (see :func:`authres.parse.claims_authserv_id`): each as the
+    field name as received and its 1-based index among fields of that name,
+    the numbering smfi_chgheader uses."""
     seen = 0
     forged = []
     for name, value in headers:
@@ -64,15 +66,10 @@ def forged_fields(
 
 
 def plan(
-    evaluation: Evaluation,
-    decision: Decision,
-    headers: Iterable[tuple[str, str]],
-    config: Config,
-    authserv_id: str,
-    owned: Set[str],
+    evaluation: Evaluation, decision: Decision, config: Config, authserv_id: str
 ) -> MilterActions:
-    """Everything to do for an evaluated message."""
-    remove = forged_fields(headers, owned) if owned else ()
+    """Everything to do for an evaluated message, once forged fields are
+    gone (:func:`forged_fields`, removed by the milter before anything else)."""
     if decision.action in (Action.REJECT, Action.TEMPFAIL):
         # The message is refused: there is nothing to edit.
         return MilterActions(verdict=decision.action, reply=decision.reply)
@@ -91,14 +88,8 @@ def plan(
     if decision.monitored is not None:
         append.append((MONITOR_HEADER, monitor_note(evaluation, decision)))
     return MilterActions(
-        remove, tuple(prepend), tuple(append), decision.action, decision.reply, hold_reason
+        tuple(prepend), tuple(append), decision.action, decision.reply, hold_reason
     )
-
-
-def plan_unevaluated(headers: Iterable[tuple[str, str]], owned: Set[str]) -> MilterActions:
-    """A message that is not evaluated (a trusted client): forged fields are
-    removed all the same, because the message may be delivered locally."""
-    return MilterActions(remove=forged_fields(headers, owned))
 
 
 def monitor_note(evaluation: Evaluation, decision: Decision) -> str:

@@ -505,7 +505,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             body_cut_at=config.milter.max_body_bytes if txn.body_cut else None,
         )
         decision = decide(evaluation, config.policy, context)
-        actions = plan(evaluation, decision, headers, config, self.authserv_id, frozenset())
+        actions = plan(evaluation, decision, config, self.authserv_id)
         if decision.quarantine is QuarantineMethod.HEADER and not self._actions & Milter.ADDHDRS:
             actions = self._quarantine_without_header(actions)
         own_report = not recorded(headers, config)
