@@ -87,6 +87,7 @@ from dmarcmilter.record import DMARCRecord, RecordStatus, parse_record
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from dmarcmilter.results import ARCOutcome, ARCResultCode, AuthorStatus, DKIMOutcome, DKIMResultCode
 from tests.dnsserver import TestDNSServer
+from tests.inprocess import MilterContext
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
 AUTHSERV_ID = "mx.receiver.example"
@@ -453,44 +454,6 @@ def run_arc(harness: Harness, message: str) -> None:
     check(instances == sorted(set(instances)), "hops out of order")
 
 
-class Context:
-    """libmilter's context, as far as the milter uses it at end of message:
-    records each call, and refuses what pymilter's C layer refuses (text that
-    is not UTF-8, NUL) and what libmilter refuses (a field over 64 KiB)."""
-
-    def __init__(self, macros: dict[str, str]) -> None:
-        self.macros = macros
-        self.calls: list[tuple[Any, ...]] = []
-
-    def getsymval(self, name: str) -> str | None:
-        return self.macros.get(name)
-
-    @staticmethod
-    def _wire(*texts: str | None) -> None:
-        for text in texts:
-            if text is not None and ("\0" in text or len(text.encode("utf-8")) > 65535):
-                raise Milter.error("cannot send")
-
-    def addheader(self, name: str, value: str, index: int = -1) -> None:
-        self._wire(name, value)
-        self.calls.append(("add", name, value, index))
-
-    def chgheader(self, name: str, index: int, value: str | None) -> None:
-        self._wire(name, value)
-        self.calls.append(("chg", name, index, value))
-
-    def quarantine(self, reason: str) -> None:
-        self._wire(reason)
-        self.calls.append(("quarantine", reason))
-
-    def setreply(self, code: str, xcode: str | None, text: str | None, *lines: str) -> None:
-        self._wire(code, xcode, text)
-        self.calls.append(("reply", code, xcode, text))
-
-    def setpriv(self, obj: object) -> None:
-        pass
-
-
 def _error_kind(record: logging.LogRecord) -> str:
     """An error log line's exception type and where it was raised."""
     if not record.exc_info or record.exc_info[1] is None:
@@ -513,7 +476,7 @@ def _error_text(record: logging.LogRecord) -> str:
 def run_eom(harness: Harness, case: dict[str, Any]) -> None:
     """One connection, one transaction, as libmilter would call the milter."""
     harness.errors.clear()
-    context = Context(case["macros"])
+    context = MilterContext(case["macros"])
     state = harness.states[case.get("config", "default")]
     milter = DMARCMilter(state)
     milter._setctx(context)
@@ -536,7 +499,7 @@ def run_eom(harness: Harness, case: dict[str, Any]) -> None:
     )
     check(code in (CONTINUE, REJECT, TEMPFAIL), f"bad reply code {code}", "reply code")
     check(state.active == 0, "transaction not ended")
-    removed = {c[2] for c in context.calls if c[0] == "chg" and c[3] is None}
+    removed = {c[2] for c in context.calls if c[0] == "chgheader" and c[3] is None}
     index = 0
     # A refused message needs no cleaning; one that is delivered (or held)
     # must carry no field that claims to be ours.
@@ -547,7 +510,7 @@ def run_eom(harness: Harness, case: dict[str, Any]) -> None:
         sid = authserv_id_of(value)
         if sid is not None and same_authserv_id(sid, AUTHSERV_ID):
             check(index in removed, f"forged A-R #{index} with our authserv-id kept", "forged A-R")
-    ours = [c[2] for c in context.calls if c[0] == "add" and c[1] == "Authentication-Results"]
+    ours = [c[2] for c in context.calls if c[0] == "addheader" and c[1] == "Authentication-Results"]
     check(len(ours) <= 1, "more than one A-R of ours", "several A-R")
     if ours:
         # Our own field must read back with our own parser (a relay behind
@@ -561,7 +524,8 @@ def run_eom(harness: Harness, case: dict[str, Any]) -> None:
         policy = dmarc[0].get("policy.dmarc") if dmarc else None
         if failed and policy in ("reject", "quarantine"):
             marked = any(
-                c[0] in ("quarantine", "reply") or (c[0] == "add" and c[1] == "X-Spam-Flag")
+                c[0] in ("quarantine", "setreply")
+                or (c[0] == "addheader" and c[1] == "X-Spam-Flag")
                 for c in context.calls
             )
             check(marked, f"dmarc=fail policy.dmarc={policy} delivered unmarked", "unmarked")
