@@ -39,6 +39,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .authres.render import plain_text
 from .config import Config, PolicyConfig
 from .dmarc import DMARCResultCode, OverrideReason, PolicyOverride
 from .domains import ascii_casefold
@@ -164,10 +165,7 @@ def safe_reply_text(text: str) -> str:
     """``text`` fit for smfi_setreply: printable ASCII on one line, no "%"
     (libmilter treats it as a format character and refuses the reply), at
     most :data:`MAX_REPLY_TEXT` characters.  Anything else becomes "?"."""
-    clean = "".join(c if " " <= c <= "~" and c != "%" else "?" for c in text)
-    if len(clean) > MAX_REPLY_TEXT:
-        clean = clean[: MAX_REPLY_TEXT - 3] + "..."
-    return clean
+    return plain_text(text.replace("%", "?"), MAX_REPLY_TEXT)
 
 
 def _reply(code: str, enhanced: str, template: str, domain: str) -> SMTPReply:
