@@ -120,13 +120,21 @@ def skip_reason(context: LocalContext, config: Config) -> str | None:
         return "authenticated"
     if context.client_ip is None:
         return "local"
-    try:
-        address = ipaddress.ip_address(context.client_ip.partition("%")[0])
-    except ValueError:
+    trusted = client_in_networks(context.client_ip, config.clients.trusted_networks)
+    if trusted is None:
         return "no_client_address"
-    if any(address in network for network in _networks(config.clients.trusted_networks)):
-        return "trusted_network"
-    return None
+    return "trusted_network" if trusted else None
+
+
+def client_in_networks(client_ip: str, networks: tuple[str, ...]) -> bool | None:
+    """Whether ``client_ip`` (an IPv6 zone index ignored) is in one of
+    ``networks`` (CIDR texts from the configuration, checked when it was
+    loaded); None when it is not an IP address."""
+    try:
+        address = ipaddress.ip_address(client_ip.partition("%")[0])
+    except ValueError:
+        return None
+    return any(address in network for network in _networks(networks))
 
 
 @functools.lru_cache(maxsize=16)

@@ -26,7 +26,6 @@ Anything else claiming to be a result is ignored.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from .authres.parse import (
 )
 from .config import HeadersConfig
 from .evaluation import Envelope, UpstreamResults
+from .policy import client_in_networks
 from .results import (
     DKIMOutcome,
     DKIMResultCode,
@@ -57,9 +57,6 @@ AUTHENTICATION_RESULTS = "authentication-results"
 # Result names seen in the wild for the registered ones (OpenDMARC writes
 # "tempfail" for temperror; old software "hardfail" for fail).
 _ALIASES = {"tempfail": "temperror", "hardfail": "fail", "permfail": "permerror"}
-
-
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def norm_id(authserv_id: str) -> str:
@@ -80,22 +77,18 @@ class UpstreamTrust:
     keys) and the client networks they must arrive from."""
 
     ids: frozenset[str] = frozenset()
-    networks: tuple[_Network, ...] = ()
+    networks: tuple[str, ...] = ()  # CIDR
 
     @classmethod
     def from_config(cls, headers: HeadersConfig) -> UpstreamTrust:
         ids = (trusted_id_key(i) for i in headers.trusted_authserv_ids)
         return cls(
             frozenset(i for i in ids if i),
-            tuple(ipaddress.ip_network(n, strict=False) for n in headers.trusted_upstream_networks),
+            headers.trusted_upstream_networks,
         )
 
     def client_trusted(self, client_ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client_ip.partition("%")[0])
-        except ValueError:
-            return False
-        return any(address in network for network in self.networks)
+        return client_in_networks(client_ip, self.networks) is True
 
 
 def upstream_results(
