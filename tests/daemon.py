@@ -115,6 +115,16 @@ class MilterDaemon:
             time.sleep(0.02)
         raise RuntimeError(f"dmarcmilter did not start in {timeout} s: {self.log_text()}")
 
+    def reload(self, changes: dict[str, Any]) -> None:
+        """Write the configuration (the base plus ``changes``) and reload it
+        with SIGHUP; return once the log says it was reloaded."""
+        reloaded = "configuration reloaded from " + str(self.config_path)
+        before = len(self.log_lines(reloaded))
+        self.write_config(changes)
+        self.signal(signal.SIGHUP)
+        lines = self.wait_log(reloaded, before + 1)
+        assert len(lines) == before + 1, self.log_text()[-2000:]
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)

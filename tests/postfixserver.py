@@ -71,10 +71,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.daemon import MilterDaemon, merge
 
 HOST = "127.0.0.1"
 MAIL_OWNER = "postfix"
@@ -592,6 +594,25 @@ def allow_postfix(socket_path: str | os.PathLike[str], timeout: float = 10) -> N
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         time.sleep(0.01)
     path.chmod(0o666)
+
+
+@contextlib.contextmanager
+def milter_for_postfix(
+    dns_port: int, config: dict[str, Any] | None = None
+) -> Iterator[MilterDaemon]:
+    """A ``dmarcmilter run`` on a unix socket that smtpd (user ``postfix``)
+    may connect to, with ``config`` changes; stopped and cleaned up after."""
+    directory = make_socket_dir()
+    changes = merge({"milter": {"socket_mode": "0666"}}, config or {})
+    daemon = MilterDaemon(directory, dns_port, changes)
+    daemon.base["milter"]["socket_mode"] = "0666"
+    daemon.start()
+    allow_postfix(daemon.socket)
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _process_token(pid: int) -> str:

@@ -15,8 +15,6 @@ import dataclasses
 import datetime as dt
 import json
 import re
-import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -75,8 +73,7 @@ from tests.milterclient import (
 from tests.postfixserver import (
     PostfixInstances,
     PostfixServer,
-    allow_postfix,
-    make_socket_dir,
+    milter_for_postfix,
 )
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
@@ -566,16 +563,8 @@ def test_evaluate_command_shows_the_local_skip_decisions(tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def pf_milter(dns_server_session: TestDNSServer) -> Iterator[MilterDaemon]:
-    directory = make_socket_dir()
-    daemon = MilterDaemon(directory, dns_server_session.port, {"milter": {"socket_mode": "0666"}})
-    daemon.base["milter"]["socket_mode"] = "0666"
-    daemon.start()
-    allow_postfix(daemon.socket)
-    try:
+    with milter_for_postfix(dns_server_session.port) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -583,14 +572,6 @@ def pf(postfix_instances: PostfixInstances, pf_milter: MilterDaemon) -> PostfixS
     return postfix_instances.start(
         milter=f"unix:{pf_milter.socket}", milter_default_action="accept"
     )
-
-
-def _reconfigure(daemon: MilterDaemon, changes: dict[str, Any]) -> None:
-    reloaded = "configuration reloaded from " + str(daemon.config_path)
-    before = len(daemon.log_lines(reloaded))
-    daemon.write_config(changes)
-    daemon.signal(signal.SIGHUP)
-    assert len(daemon.wait_log(reloaded, before + 1)) == before + 1
 
 
 @pytest.mark.parametrize(
@@ -610,7 +591,7 @@ def test_postfix_refuses_a_cut_header(
     # Postfix's default milter_default_action is "tempfail"; this instance
     # says "accept", so the refusal is the milter's own verdict.
     dns_server.set_zone(ZONE)
-    _reconfigure(pf_milter, {"policy": {"oversized_header_action": action}})
+    pf_milter.reload({"policy": {"oversized_header_action": action}})
     pf.clear_queue()
     sent = pf.send("x@attacker.example", "user@receiver.example", cut_header_message())
     assert (sent.code, sent.text) == reply

@@ -14,7 +14,6 @@ what the MTA is told with a golden file (tests/hostile.py):
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ from tests.postfixserver import (
     MYHOSTNAME,
     PostfixInstances,
     PostfixServer,
-    allow_postfix,
-    make_socket_dir,
+    milter_for_postfix,
 )
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
@@ -234,28 +232,23 @@ def postfix_milter(
     postfix_instances: PostfixInstances, dns_server: TestDNSServer
 ) -> Iterator[tuple[PostfixServer, MilterDaemon]]:
     dns_server.set_zone(ZONE)
-    directory = make_socket_dir()
     # No authserv_id: ours is Postfix's j, which is also listed as trusted,
     # and the attacker's address is in the upstream networks.
     config = {
         "authserv_id": "",
-        "milter": {"socket_mode": "0666"},
         "headers": {
             "trusted_authserv_ids": [MYHOSTNAME],
             "trusted_upstream_networks": ["203.0.113.0/24"],
         },
     }
-    daemon = MilterDaemon(directory, dns_server.port, config).start()
-    allow_postfix(daemon.socket)
-    server = postfix_instances.start(
-        milter=f"unix:{daemon.socket}", milter_default_action="tempfail"
-    )
-    try:
-        yield server, daemon
-    finally:
-        postfix_instances.remove(server)
-        daemon.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+    with milter_for_postfix(dns_server.port, config) as daemon:
+        server = postfix_instances.start(
+            milter=f"unix:{daemon.socket}", milter_default_action="tempfail"
+        )
+        try:
+            yield server, daemon
+        finally:
+            postfix_instances.remove(server)
 
 
 def test_postfix_j_name_listed_as_trusted_is_not_trusted(

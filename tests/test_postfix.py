@@ -11,8 +11,6 @@ serve the module.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -26,8 +24,7 @@ from tests.dnsserver import TestDNSServer
 from tests.postfixserver import (
     PostfixInstances,
     PostfixServer,
-    allow_postfix,
-    make_socket_dir,
+    milter_for_postfix,
 )
 from tests.signing import dkim_sign, dkim_zone, make_message
 
@@ -48,17 +45,8 @@ AUTHSERV_ID = "mx.receiver.example"
 
 @pytest.fixture(scope="module")
 def milter(dns_server_session: TestDNSServer) -> Iterator[MilterDaemon]:
-    # A directory the postfix user may enter: smtpd connects as postfix.
-    directory = make_socket_dir()
-    daemon = MilterDaemon(directory, dns_server_session.port, {"milter": {"socket_mode": "0666"}})
-    daemon.base["milter"]["socket_mode"] = "0666"
-    daemon.start()
-    allow_postfix(daemon.socket)
-    try:
+    with milter_for_postfix(dns_server_session.port) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +59,10 @@ def mta(
     postfix: PostfixServer, milter: MilterDaemon, dns_server: TestDNSServer
 ) -> Iterator[PostfixServer]:
     dns_server.set_zone(ZONE)
-    configure(milter, {})
+    milter.reload({})
     postfix.clear_queue()
     yield postfix
     postfix.clear_queue()
-
-
-def configure(milter: MilterDaemon, changes: dict[str, Any]) -> None:
-    """Write the milter's configuration and reload it (SIGHUP)."""
-    before = len(milter.log_lines("configuration reloaded from " + str(milter.config_path)))
-    milter.write_config(changes)
-    milter.signal(signal.SIGHUP)
-    lines = milter.wait_log("configuration reloaded from " + str(milter.config_path), before + 1)
-    assert len(lines) == before + 1, milter.log_text()[-2000:]
 
 
 def signed(**kw: Any) -> bytes:
@@ -109,7 +88,7 @@ def test_pass_is_delivered_with_authentication_results_on_top(mta: PostfixServer
 
 
 def test_rejection_enabled_gives_the_client_550(mta: PostfixServer, milter: MilterDaemon) -> None:
-    configure(milter, {"policy": {"enforce_reject": True}})
+    milter.reload({"policy": {"enforce_reject": True}})
     sent = mta.send(
         "x@elsewhere.example", RCPT, make_message(from_="ceo@example.com"), client_ip=BAD_IP
     )
@@ -134,7 +113,7 @@ def test_quarantine_header_mode(mta: PostfixServer) -> None:
 
 
 def test_quarantine_hold_mode(mta: PostfixServer, milter: MilterDaemon) -> None:
-    configure(milter, {"policy": {"quarantine_action": "hold"}})
+    milter.reload({"policy": {"quarantine_action": "hold"}})
     sent = mta.send(
         "x@elsewhere.example", RCPT, make_message(from_="ceo@example.com"), client_ip=BAD_IP
     )
@@ -150,7 +129,7 @@ def test_quarantine_hold_mode(mta: PostfixServer, milter: MilterDaemon) -> None:
 
 @pytest.mark.parametrize("action", ["accept", "tempfail"])
 def test_temperror(mta: PostfixServer, milter: MilterDaemon, action: str) -> None:
-    configure(milter, {"policy": {"temperror_action": action}})
+    milter.reload({"policy": {"temperror_action": action}})
     sent = mta.send(
         "x@elsewhere.example", RCPT, make_message(from_="a@slow.example"), client_ip=BAD_IP
     )
@@ -186,7 +165,7 @@ def test_forged_results_are_removed(mta: PostfixServer) -> None:
 
 @pytest.mark.parametrize("client", ["sasl", "trusted network"])
 def test_trusted_clients_are_skipped(mta: PostfixServer, milter: MilterDaemon, client: str) -> None:
-    configure(milter, {"clients": {"trusted_networks": ["127.0.0.0/8", "198.51.100.0/24"]}})
+    milter.reload({"clients": {"trusted_networks": ["127.0.0.0/8", "198.51.100.0/24"]}})
     forged = ("Authentication-Results", f"{AUTHSERV_ID}; dmarc=pass header.from=example.com")
     message = make_message(from_="ceo@example.com", extra_headers=[forged])
     if client == "sasl":
