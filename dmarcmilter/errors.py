@@ -33,3 +33,9 @@ class DatabaseError(DmarcMilterError):
 class SchemaError(DatabaseError):
     """The history database is not at the schema this version needs; the
     message says what to run."""
+
+
+class MissingDependencyError(DmarcMilterError):
+    """An optional dependency that the configuration needs is not installed;
+    the message names the extra to install.  Not a DatabaseError: a missing
+    driver must stop a start, not be taken for a database that is down."""

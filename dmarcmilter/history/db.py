@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import parse_database_url
-from ..errors import DatabaseError, SchemaError
+from ..errors import DatabaseError, MissingDependencyError, SchemaError
 from .models import (
     DKIMResultRow,
     MessageRow,
@@ -50,9 +50,31 @@ MYSQL_INIT_COMMAND = (
 )
 
 
+# The extra that installs the driver of each DBAPI module dmarcmilter uses.
+DRIVER_EXTRAS = {"psycopg": "postgresql", "pymysql": "mysql"}
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; for SQLite, the file's directory is created and
     every connection is set up for one writer and many readers."""
+    try:
+        return _make_engine(url)
+    except ModuleNotFoundError as exc:
+        # The drivers are optional extras: a missing one is an installation
+        # problem to name, not a traceback.
+        module = (exc.name or "").split(".")[0]
+        extra = DRIVER_EXTRAS.get(module)
+        hint = (
+            f"pip install 'dmarcmilter[{extra}]'"
+            if extra
+            else f"install the Python module {module!r}"
+        )
+        raise MissingDependencyError(
+            f"database.url needs the database driver {module!r}, which is not installed: {hint}"
+        ) from None
+
+
+def _make_engine(url: str) -> Engine:
     parsed = parse_database_url(url)
     backend = parsed.get_backend_name()
     if parsed.drivername in DEFAULT_DRIVERS:
