@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CONTAINER_DIR = ROOT / "tests" / "containers" / "sendmail"
 IMAGE = "localhost/dmarcmilter-test-sendmail:latest"
+LABEL = "dmarcmilter-test-sendmail"  # its value: the pid of the test run
 HOSTNAME = "mx.receiver.example"  # Sendmail's $j; also the milter's authserv-id
 AUTHSERV_ID = HOSTNAME
 SINK_HOSTNAME = "sink.dmarcmilter.test"
@@ -57,6 +58,10 @@ ZONE: dict[str, Any] = {
     "example.com": [("A", "192.0.2.80")],
     "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject")],
     "bounce.example.com": [("TXT", f"v=spf1 ip4:{CLIENT_IP} -all")],
+    "slow.example": "TIMEOUT",
+    "_dmarc.slow.example": "TIMEOUT",
+    "slow-helo.example": "TIMEOUT",
+    "s1._domainkey.slow-key.example": "TIMEOUT",
     **dkim_zone("example.com", "s1"),
 }
 GOOD_FROM = "bounce@bounce.example.com"
@@ -139,14 +144,16 @@ class Sendmail:
     def log(self) -> str:
         return self.exec("cat /var/log/mail.log", check=False)
 
-    def session(self) -> SMTPSession:
+    def session(self, helo: str = "mx.example.com") -> SMTPSession:
         session = SMTPSession(CLIENT_IP, self.port)
-        reply = session.ehlo("mx.example.com")
+        reply = session.ehlo(helo)
         assert reply.code == 250, reply
         return session
 
-    def send(self, mail_from: str, message: bytes, login: bool = False) -> SendResult:
-        with self.session() as session:
+    def send(
+        self, mail_from: str, message: bytes, login: bool = False, helo: str = "mx.example.com"
+    ) -> SendResult:
+        with self.session(helo) as session:
             if login:
                 code, text = session.smtp.login(SASL_USER, SASL_PASSWORD)
                 assert code == 235, text
@@ -207,6 +214,24 @@ def wait_listening(port: int, name: str, timeout: float = START_TIMEOUT) -> None
     raise RuntimeError(f"Sendmail did not answer on port {port} in {timeout} s")
 
 
+def reap_stale_containers() -> None:
+    """Remove the containers of test runs that were killed: Sendmail would go
+    on listening on the host's loopback."""
+    listed = podman.podman(
+        "ps",
+        "-a",
+        "--filter",
+        f"label={LABEL}",
+        "--format",
+        f'{{{{.Names}}}} {{{{index .Labels "{LABEL}"}}}}',
+        check=False,
+    )
+    for line in listed.stdout.decode().splitlines():
+        name, _, owner = line.partition(" ")
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            podman.podman("rm", "-f", "-t", "0", name, check=False)
+
+
 @pytest.fixture(scope="module")
 def sendmail(sendmail_image: str, dns_server_session: TestDNSServer) -> Iterator[Sendmail]:
     mc_lines = readme_mc_lines()
@@ -239,9 +264,10 @@ def sendmail(sendmail_image: str, dns_server_session: TestDNSServer) -> Iterator
         test_dir.mkdir()
         port = free_port()
         (test_dir / "local.mc").write_text(mc_lines + local_mc_lines(port, sink.port))
-        podman.podman("rm", "-f", name, check=False)
+        reap_stale_containers()
         podman.podman(
             "run", "-d", "--rm", "--name", name, "--network", "host",
+            "--label", f"{LABEL}={os.getpid()}",
             "--hostname", HOSTNAME, "--add-host", f"{HOSTNAME}:127.0.0.1",
             "--add-host", f"{SINK_HOSTNAME}:127.0.0.1",
             "-v", f"{milter_dir}:{Path(in_container).parent}",
@@ -403,6 +429,33 @@ def test_a_client_name_that_is_not_utf8_is_still_evaluated(mta: Sendmail) -> Non
         "5.7.1 Message rejected per DMARC policy for example.com",
     )
     assert "relay=caf\\351.example [127.0.0.1]" in mta.log()
+
+
+def test_sendmail_waits_for_dns_that_takes_the_whole_budget(mta: Sendmail) -> None:
+    """The README's R and E exceed the default [dns] budget: with the default
+    timeout and budget (etc/dmarcmilter.toml) and a sender whose DNS never
+    answers (the author's policy, MAIL FROM, HELO, a DKIM key), the milter
+    answers only when the budget is spent, and Sendmail waits for it (a short
+    R, such as R:2s, would give up and pass the message unchecked)."""
+    mta.milter.reload(
+        {
+            "dns": {"timeout": 2.0, "budget": 8.0},
+            "policy": {"temperror_action": "tempfail"},
+        }
+    )
+    message = dkim_sign(
+        make_message(from_="a@slow.example", message_id=unique_id()), "slow-key.example", "s1"
+    )
+    before = len(mta.milter.log_lines("message"))
+    sent = mta.send("x@slow.example", message, helo="slow-helo.example")
+    assert (sent.code, sent.text) == (
+        451,
+        "4.7.0 DMARC policy for slow.example could not be checked; try again later",
+    )
+    lines = mta.milter.wait_log("message", before + 1)
+    assert len(lines) == before + 1
+    assert lines[-1]["dmarc"] == "temperror"
+    assert float(lines[-1]["elapsed_ms"]) > 7000, lines[-1]
 
 
 def test_mail_passes_unchecked_while_the_milter_is_down(mta: Sendmail) -> None:
