@@ -45,8 +45,8 @@ README = ROOT / "README.md"
 CONTAINER_DIR = ROOT / "tests" / "containers" / "sendmail"
 IMAGE = "localhost/dmarcmilter-test-sendmail:latest"
 LABEL = "dmarcmilter-test-sendmail"  # its value: the pid of the test run
-HOSTNAME = "mx.receiver.example"  # Sendmail's $j; also the milter's authserv-id
-AUTHSERV_ID = HOSTNAME
+HOSTNAME = "mx.receiver.example"  # Sendmail's $j
+AUTHSERV_ID = HOSTNAME  # authserv_id is left empty: the milter takes $j
 SINK_HOSTNAME = "sink.dmarcmilter.test"
 SASL_USER, SASL_PASSWORD = "alice", "alice-secret"  # made in the Dockerfile
 CLIENT_IP = "127.0.0.1"
@@ -252,7 +252,8 @@ def sendmail(sendmail_image: str, dns_server_session: TestDNSServer) -> Iterator
         milter.base = merge(
             merge(milter.base, settings),
             {
-                "authserv_id": AUTHSERV_ID,
+                # Empty: the authserv-id is Sendmail's j macro (confDOMAIN_NAME).
+                "authserv_id": "",
                 "milter": {"socket": f"unix:{milter.socket}"},
                 "clients": {"trusted_networks": []},
             },
