@@ -4,7 +4,8 @@ The static tests read the compose file, both Dockerfiles, the image's
 configuration and Postfix's settings, and check that they agree with each
 other: the port the milter listens on is the one Postfix asks and the image
 exposes, the volume holds the configured state directory, the report job uses
-the same image, configuration and volume.
+the same image, configuration and volume.  (tests/test_container.py brings
+the file up with podman-compose and sends mail through it.)
 """
 
 from __future__ import annotations

@@ -5,15 +5,26 @@ after a source change take seconds).  A container runs it with the host's
 network, its DNS pointed at the loopback test DNS server, its state in a named
 volume and a configuration file mounted over the image's; the milter protocol
 client (tests/milterclient.py) sends it a message over TCP, as Postfix would.
+docker/compose.yaml is brought up with podman-compose, beside the Postfix
+image of docker/postfix/, and a message sent to Postfix by SMTP comes out with
+the milter's Authentication-Results.
 
-In CI a host where podman cannot build or run the image fails these tests; on
-a developer's machine they are skipped with the reason.
+In CI a host where podman (or podman-compose) cannot build or run the images
+fails these tests; on a developer's machine they are skipped with the reason.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import email
+import email.message
+import gzip
+import os
 import re
+import shutil
+import smtplib
 import sqlite3
+import subprocess
 import time
 import tomllib
 import uuid
@@ -22,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dmarcmilter import __version__
 from tests import podman as podman_tools
@@ -286,3 +298,218 @@ def test_the_runtime_image_has_no_compiler(image: str) -> None:
     )
     assert found.strip() == ""
     assert podman("run", "--rm", image, "--version").strip() == f"dmarcmilter {__version__}"
+
+
+# -- docker/compose.yaml, brought up with podman-compose ---------------------------
+
+COMPOSE = ROOT / "docker" / "compose.yaml"
+POSTFIX_IMAGE = "localhost/dmarcmilter-test-postfix:latest"
+# podman-compose runs plain `podman`: the runtime settings go in its
+# containers.conf.
+COMPOSE_CONTAINERS_CONF = (
+    podman_tools.CONTAINERS_CONF + '\n[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\n'
+)
+
+
+@pytest.fixture(scope="session")
+def postfix_image(image: str) -> str:
+    return podman_tools.build(
+        POSTFIX_IMAGE,
+        ROOT / "docker" / "postfix" / "Dockerfile",
+        context=ROOT / "docker" / "postfix",
+    )
+
+
+class ComposeProject:
+    """docker/compose.yaml under a project name of its own, with the test
+    images, Postfix published on a free loopback port, and the configuration
+    the test writes beside it (the compose file mounts ./dmarcmilter.toml)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.name = f"dmtest{uuid.uuid4().hex[:10]}"
+        self.network = f"{self.name}_default"
+        self.smtp_port = free_port("127.0.0.1")
+        document = yaml.safe_load(COMPOSE.read_text())
+        services = document["services"]
+        for name in ("dmarcmilter", "report"):
+            services[name].pop("build", None)
+            services[name]["image"] = IMAGE
+        services["postfix"].pop("build")
+        services["postfix"]["image"] = POSTFIX_IMAGE
+        services["postfix"]["ports"] = [f"127.0.0.1:{self.smtp_port}:25"]
+        self.file = directory / "compose.yaml"
+        self.file.write_text(yaml.safe_dump(document))
+        conf = podman_tools.CACHE / "containers-compose.conf"
+        if not conf.exists() or conf.read_text() != COMPOSE_CONTAINERS_CONF:
+            conf.write_text(COMPOSE_CONTAINERS_CONF)
+        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+    def create_network(self) -> str:
+        """The project's network, made before compose would make it, so that
+        its gateway (the host, as the containers see it) is known first."""
+        podman("network", "create", self.network)
+        return podman(
+            "network", "inspect", "--format", "{{range .Subnets}}{{.Gateway}}{{end}}", self.network
+        ).strip()
+
+    def compose(self, *args: str, timeout: float = 300) -> str:
+        result = subprocess.run(
+            ["podman-compose", "-p", self.name, "-f", str(self.file), *args],
+            env=self.env,
+            capture_output=True,
+            timeout=timeout,
+        )
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        assert result.returncode == 0, output[-4000:]
+        return output
+
+    def container(self, service: str) -> str:
+        names = podman(
+            "ps",
+            "--all",
+            "--format",
+            "{{.Names}}",
+            "--filter",
+            f"label=com.docker.compose.project={self.name}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+        ).split()
+        assert len(names) == 1, names
+        return names[0]
+
+    def volume_path(self) -> Path:
+        (volume,) = podman(
+            "volume",
+            "ls",
+            "--format",
+            "{{.Name}}",
+            "--filter",
+            f"label=com.docker.compose.project={self.name}",
+        ).split()
+        return Path(podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume).strip())
+
+    def remove(self) -> None:
+        subprocess.run(
+            ["podman-compose", "-p", self.name, "-f", str(self.file), "down", "-v"],
+            env=self.env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        label = f"label=com.docker.compose.project={self.name}"
+        containers = podman("ps", "--all", "--quiet", "--filter", label, check=False).split()
+        if containers:
+            podman("rm", "--force", "--time", "0", *containers, check=False)
+        volumes = podman("volume", "ls", "--quiet", "--filter", label, check=False).split()
+        if volumes:
+            podman("volume", "rm", "--force", *volumes, check=False)
+        podman("network", "rm", "--force", self.network, check=False)
+
+
+@pytest.fixture
+def compose_project(postfix_image: str, tmp_path: Path) -> Iterator[ComposeProject]:
+    if shutil.which("podman-compose") is None:
+        if IN_CI:
+            pytest.fail("the compose test needs podman-compose in CI")
+        pytest.skip("podman-compose is not installed")
+    project = ComposeProject(tmp_path)
+    yield project
+    project.remove()
+
+
+def test_postfix_in_compose_passes_mail_through_the_milter(
+    compose_project: ComposeProject,
+) -> None:
+    """`compose up` of the sidecar: an SMTP message to Postfix comes out with
+    dmarcmilter's Authentication-Results, and the report job reads the
+    milter's history from the shared volume."""
+    project = compose_project
+    gateway = project.create_network()
+    # The containers reach the host at their network's gateway; the bridge
+    # that carries that address exists only once a container runs, so the
+    # server listens on every address.
+    dns = TestDNSServer(host="0.0.0.0").start()
+    try:
+        dns.set_zone(
+            {
+                **ZONE,
+                "_dmarc.example.com": [
+                    ("TXT", "v=DMARC1; p=reject; rua=mailto:dmarc-reports@example.com")
+                ],
+                # Postfix sees the test's SMTP client at the gateway.
+                "bounce.example.com": [("TXT", f"v=spf1 ip4:{gateway} -all")],
+            }
+        )
+        shipped = tomllib.loads(IMAGE_CONFIG.read_text())
+        config = merge(
+            shipped,
+            {
+                "authserv_id": "mx.example.test",
+                "dns": {"nameservers": [gateway], "port": dns.port, "timeout": 0.5, "budget": 4.0},
+                "report": {"org_name": "Example Receiver", "from_address": "dmarc@example.test"},
+            },
+        )
+        (project.directory / "dmarcmilter.toml").write_text(toml(config))
+        (project.directory / "dmarcmilter.toml").chmod(0o644)
+
+        project.compose("up", "-d", "dmarcmilter", "postfix")
+        wait_for_log(project.container("dmarcmilter"), "listening on")
+        wait_for_log(project.container("postfix"), "daemon started")
+
+        message = dkim_sign(make_message(from_="alice@example.com"), "example.com", "s1")
+        forged = b"Authentication-Results: mx.example.test; dmarc=pass header.from=example.com\r\n"
+        with smtplib.SMTP("127.0.0.1", project.smtp_port, timeout=60) as smtp:
+            smtp.ehlo("mx.sender.example")
+            smtp.sendmail("b@bounce.example.com", ["root@mx.example.test"], forged + message)
+
+        delivered = read_mailbox(project.container("postfix"))
+        results = [str(v) for v in delivered.get_all("Authentication-Results", [])]
+        # Ours, in place of the forged one.
+        (value,) = results
+        value = " ".join(value.split())
+        assert value.startswith("mx.example.test;")
+        assert "dkim=pass header.d=example.com header.s=s1" in value
+        assert "spf=pass smtp.mailfrom=bounce.example.com" in value
+        assert value.endswith("dmarc=pass policy.dmarc=reject header.from=example.com")
+
+        # The report job: the same image, configuration and volume.
+        # A finished period that holds the message.
+        time.sleep(1.1)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None)
+        output = project.compose(
+            "run", "--rm", "--no-deps", "report",
+            "report", "--config", CONFIG_PATH,
+            "--since", (now - dt.timedelta(hours=1)).isoformat(),
+            "--until", now.isoformat(),
+            "--dry-run", f"{STATE_DIR}/dry-run", "--verbose",
+        )  # fmt: skip
+        reports = list((project.volume_path() / "dry-run").glob("*.xml.gz"))
+        assert len(reports) == 1, output
+        (report,) = reports
+        xml = gzip.decompress(report.read_bytes()).decode()
+        assert "<domain>example.com</domain>" in xml, output
+        assert f"<source_ip>{gateway}</source_ip>" in xml
+    finally:
+        dns.stop()
+
+
+def wait_for_log(container: str, text: str, timeout: float = START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (logs := podman("logs", container, check=False)):
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.2)
+
+
+def read_mailbox(container: str, timeout: float = 60.0) -> email.message.Message:
+    """The one message delivered to root in the Postfix container."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mbox = podman_tools.podman("exec", container, "cat", "/var/mail/root", check=False)
+        if mbox.returncode == 0 and mbox.stdout:
+            break
+        assert time.monotonic() < deadline, podman("logs", container, check=False)
+        time.sleep(0.3)
+    # An mbox of one message: the "From " line, then the message.
+    _, _, message = mbox.stdout.partition(b"\n")
+    return email.message_from_bytes(message)
