@@ -313,6 +313,12 @@ COMPOSE_CONTAINERS_CONF = (
 
 @pytest.fixture(scope="session")
 def postfix_image(image: str) -> str:
+    """The Postfix image of the compose file, once podman-compose is known
+    to be there."""
+    if shutil.which("podman-compose") is None:
+        if IN_CI:
+            pytest.fail("the compose test needs podman-compose in CI")
+        pytest.skip("podman-compose is not installed")
     return podman_tools.build(
         POSTFIX_IMAGE,
         ROOT / "docker" / "postfix" / "Dockerfile",
@@ -409,10 +415,6 @@ class ComposeProject:
 
 @pytest.fixture
 def compose_project(postfix_image: str, tmp_path: Path) -> Iterator[ComposeProject]:
-    if shutil.which("podman-compose") is None:
-        if IN_CI:
-            pytest.fail("the compose test needs podman-compose in CI")
-        pytest.skip("podman-compose is not installed")
     project = ComposeProject(tmp_path)
     yield project
     project.remove()
