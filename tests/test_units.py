@@ -35,12 +35,20 @@ VERIFY_TIMEOUT = 60
 
 
 def readme_section(title: str) -> str:
-    """The text of a README section, up to the next heading of its level."""
-    text = README.read_text(encoding="utf-8")
-    level = title.split(" ", 1)[0]
-    start = text.index(f"\n{title}\n")
-    end = text.find(f"\n{level} ", start + len(title) + 2)
-    return text[start : end if end != -1 else len(text)]
+    """The text of a README section, with its subsections, up to the next
+    heading of its level or above (a "#" line inside a code block is not a
+    heading)."""
+    lines = README.read_text(encoding="utf-8").splitlines(keepends=True)
+    level = len(title.split(" ", 1)[0])
+    start = lines.index(f"{title}\n")
+    fenced = False
+    for end in range(start + 1, len(lines)):
+        line = lines[end]
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(rf"#{{1,{level}}} ", line):
+            return "".join(lines[start:end])
+    return "".join(lines[start:])
 
 
 def shell_commands(section: str) -> list[str]:
