@@ -202,6 +202,18 @@ def test_readme_copies_every_unit() -> None:
     assert install.units_target == "/etc/systemd/system/"
     upgrade = shell_commands(readme_section("### Upgrading"))
     assert one(upgrade, "cp systemd/")[1:-1] == [f"systemd/{n}" for n in install.units_copied]
+    # Every unit the README enables, starts or stops is one of ours.
+    section = readme_section("## Installing for production")
+    named = {
+        word
+        for command in shell_commands(section)
+        if command.startswith("systemctl ")
+        for word in shlex.split(command)[2:]
+        if not word.startswith("-")
+    }
+    assert {"dmarcmilter", "dmarcmilter-report.timer"} <= named
+    assert {n if "." in n else f"{n}.service" for n in named} <= set(UNIT_FILES)
+    assert f"`{CRON_FILE.relative_to(ROOT)}`" in section
 
 
 def test_readme_config_edits_give_the_postfix_socket_and_state_dir(tmp_path: Path) -> None:
