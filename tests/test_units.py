@@ -214,6 +214,14 @@ def test_readme_copies_every_unit() -> None:
     assert {"dmarcmilter", "dmarcmilter-report.timer"} <= named
     assert {n if "." in n else f"{n}.service" for n in named} <= set(UNIT_FILES)
     assert f"`{CRON_FILE.relative_to(ROOT)}`" in section
+    # The documentation the units name is installed.
+    docs = {v for n in UNIT_FILES for v in unit_values(n, "Documentation")}
+    installed = {
+        f"file://{a[-1]}"
+        for a in map(shlex.split, shell_commands(section))
+        if a[:2] == ["install", "-D"]
+    }
+    assert docs <= installed
 
 
 def test_readme_config_edits_give_the_postfix_socket_and_state_dir(tmp_path: Path) -> None:
