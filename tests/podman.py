@@ -38,6 +38,10 @@ def unavailable() -> str | None:
     for tool in ("podman", "runc", "debootstrap"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    if not os.path.ismount("/"):
+        # podman unpacks image layers in a private mount namespace, which
+        # needs / to be a mount point: a plain chroot is not enough.
+        return "podman cannot unpack images here: / is not a mount point (a plain chroot?)"
     return None
 
 
