@@ -115,11 +115,7 @@ def socket_path(mc_lines: str) -> str:
 
 @pytest.fixture(scope="session")
 def sendmail_image() -> str:
-    why = podman.unavailable()
-    if why is not None:
-        if IN_CI:
-            pytest.fail(f"the Sendmail test needs podman in CI: {why}")
-        pytest.skip(f"containers unavailable: {why}")
+    podman.require("the Sendmail test")
     try:
         return podman.build(IMAGE, CONTAINER_DIR / "Dockerfile", CONTAINER_DIR)
     except (RuntimeError, OSError) as exc:
