@@ -1,0 +1,423 @@
+"""The history journal: every history row, appended to a file before the
+milter answers the message, until the database holds it.
+
+The journal is a sequence of segment files in the state directory,
+``history-journal.<generation>.jsonl``: one row dict (the exact shape of
+:func:`dmarcmilter.history.rows.message_row`) per JSON line.  The milter
+appends each row with one ``write()`` before its end-of-message reply, so a
+process kill (SIGKILL, a crash) loses no row that got a reply: the page cache
+keeps it.  The writer thread fsyncs the journal while rows wait in it for the
+database, so a power loss costs at most the last flush interval.
+
+Segments are never truncated or rewritten, and no offset is kept on disk:
+
+* appends go to the newest segment; past ``segment_bytes`` a new one is
+  started;
+* a segment is deleted once every row in it is in the database;
+* at start, every segment left by an earlier run is replayed whole, and rows
+  whose idempotency key is already stored are skipped.
+
+So the only state on disk is the rows themselves: there is no offset that
+could go stale and make a restart skip rows that were never stored.  The
+price is re-reading at most one segment of already-stored rows at start.
+
+A row that cannot be appended (a full or read-only file system) is not
+written in part: the segment is cut back to its last whole line and the
+caller keeps the row in memory instead.
+
+``history-rejected.jsonl`` keeps rows the database refused as invalid
+(never connectivity problems), with the error, for an operator to inspect.
+
+The directory is locked (``flock`` on ``history-journal.lock``) for the
+lifetime of the writer: two processes sharing one state directory would
+replay each other's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import DatabaseError
+
+SEGMENT_PREFIX = "history-journal."
+SEGMENT_SUFFIX = ".jsonl"
+LOCK_FILE = "history-journal.lock"
+REJECTED_FILE = "history-rejected.jsonl"
+# What earlier versions left: a spool of rows the database had not taken,
+# and a byte offset into it.  The spool is replayed whole (keys skip what is
+# stored) and the offset is never trusted.
+LEGACY_SPOOL = "history-spool.jsonl"
+LEGACY_LEFTOVERS = ("history-spool.offset", "history-spool.offset.tmp", "history-spool.tmp")
+LEGACY_REJECTED = "history-spool.rejected.jsonl"
+# A new segment is started past this size.  At start, at most about this
+# much of already-stored rows is read again.
+SEGMENT_BYTES = 8 << 20
+# Read size when replaying; a longer line is still read whole.
+READ_CHUNK = 1 << 20
+# Generation 0 is the legacy spool; segments are numbered from 1.
+_SEGMENT_NAME = re.compile(r"history-journal\.(0*[1-9]\d{0,17})\.jsonl")
+
+log = logging.getLogger("dmarcmilter.history")
+
+
+class JournalError(DatabaseError):
+    """The journal directory cannot be opened, locked or written."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in the journal: a segment and a byte offset in it."""
+
+    generation: int
+    offset: int
+
+
+@dataclass(slots=True)
+class _Segment:
+    generation: int
+    path: Path
+    size: int
+
+
+class Journal:
+    """The journal of one writer.
+
+    Appends (:meth:`append`) must be serialised by the caller, which also
+    orders its in-memory queue under the same lock; reading (:meth:`read`),
+    :meth:`release` and :meth:`sync` belong to the writer thread.
+    """
+
+    def __init__(self, directory: Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.rejected_path = directory / REJECTED_FILE
+        self._fd = -1
+        self._dirty = False
+        # Why the last append or segment failed, for the writer's log line.
+        self.last_error = ""
+        # Guards the segment list, which appends (rotation) and the writer
+        # thread (release, read) both change.
+        self._mutex = threading.Lock()
+        self._lock_fd = _lock(directory)
+        # Segments of earlier runs, oldest first; the legacy spool is older
+        # than any of them.
+        self._closed: list[_Segment] = []
+        legacy = directory / LEGACY_SPOOL
+        if legacy.exists():
+            self._closed.append(_Segment(0, legacy, 0))
+        try:
+            entries = list(directory.iterdir())
+        except OSError as exc:
+            log.error("cannot list the history journal in %s: %s", directory, exc.strerror or exc)
+            entries = []
+        for path in entries:
+            match = _SEGMENT_NAME.fullmatch(path.name)
+            if match:
+                self._closed.append(_Segment(int(match.group(1)), path, 0))
+        self._closed.sort(key=lambda s: s.generation)
+        for segment in self._closed:
+            segment.size = _trim_torn_tail(segment.path)
+        self._closed = [s for s in self._closed if s.size > 0 or self._discard(s)]
+        for name in LEGACY_LEFTOVERS:
+            (directory / name).unlink(missing_ok=True)
+        self._next_generation = (self._closed[-1].generation + 1) if self._closed else 1
+        self._current: _Segment | None = None
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> Position | None:
+        """Where the rows of earlier runs start, or None when there are none."""
+        return Position(self._closed[0].generation, 0) if self._closed else None
+
+    @property
+    def writable(self) -> bool:
+        return self._current is not None
+
+    def end(self) -> Position:
+        """Just past the last row appended."""
+        if self._current is not None:
+            return Position(self._current.generation, self._current.size)
+        if self._closed:
+            last = self._closed[-1]
+            return Position(last.generation, last.size)
+        return Position(0, 0)
+
+    def size_bytes(self) -> int:
+        total = sum(s.size for s in self._closed)
+        return total + (self._current.size if self._current is not None else 0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.error("cannot sync the history journal: %s", exc.strerror or exc)
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    # -- writing -----------------------------------------------------------------
+
+    def open_segment(self) -> None:
+        """Start a new segment for appends; JournalError when the directory
+        cannot take one (read-only, full, gone)."""
+        generation = self._next_generation
+        path = self.directory / f"{SEGMENT_PREFIX}{generation:012d}{SEGMENT_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot create the history journal {path}: {exc.strerror or exc}"
+            ) from None
+        with self._mutex:
+            self._retire_current()
+            self._next_generation = generation + 1
+            self._fd = fd
+            self._current = _Segment(generation, path, 0)
+
+    def append(self, data: bytes) -> tuple[Position, Position] | None:
+        """Append whole lines in one write; return where they start and end,
+        or None when they could not be written (nothing of them is left in
+        the file)."""
+        if self._current is None:
+            return None
+        if self._current.size >= self.segment_bytes:
+            try:
+                self.open_segment()
+            except JournalError as exc:
+                log.error("%s; appending to the full segment", exc)
+        segment = self._current
+        start = segment.size
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self._cut_back(segment, start, exc)
+            return None
+        segment.size = start + len(data)
+        self._dirty = True
+        return Position(segment.generation, start), Position(segment.generation, segment.size)
+
+    def sync(self) -> None:
+        """fsync what was appended since the last call (the writer thread
+        does, while rows wait in the journal for the database)."""
+        if self._dirty and self._fd >= 0:
+            self._dirty = False
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.error("cannot sync the history journal: %s", exc.strerror or exc)
+
+    def reject(self, row: dict[str, Any], error: str) -> None:
+        """Keep a row the database refused as invalid, with the reason."""
+        line = encode([{"error": error, "row": row}])
+        try:
+            with open(self.rejected_path, "ab") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise JournalError(
+                f"cannot write {self.rejected_path}: {exc.strerror or exc}"
+            ) from None
+
+    # -- replaying ---------------------------------------------------------------
+
+    def read(
+        self, start: Position, end: Position, batch_size: int
+    ) -> Iterator[tuple[list[dict[str, Any]], Position]]:
+        """The rows from ``start`` up to ``end``, in order, ``batch_size`` at
+        a time, each batch with the position just past its last line."""
+        with self._mutex:
+            segments = [*self._closed, *([self._current] if self._current else [])]
+        batch: list[dict[str, Any]] = []
+        position = start
+        for segment in segments:
+            if segment.generation < start.generation or segment.generation > end.generation:
+                continue
+            first = start.offset if segment.generation == start.generation else 0
+            last = end.offset if segment.generation == end.generation else segment.size
+            for row, after in self._rows(segment, first, last):
+                position = Position(segment.generation, after)
+                if row is not None:
+                    batch.append(row)
+                if len(batch) >= batch_size:
+                    yield batch, position
+                    batch = []
+            position = Position(segment.generation, last)
+        if batch or position != start:
+            yield batch, position
+
+    def release(self, stored: Position) -> None:
+        """Every row before ``stored`` is in the database: delete the
+        segments that hold nothing else."""
+        with self._mutex:
+            self._release(stored)
+
+    def _release(self, stored: Position) -> None:
+        keep = []
+        for segment in self._closed:
+            if segment.generation < stored.generation or (
+                segment.generation == stored.generation and stored.offset >= segment.size
+            ):
+                self._discard(segment)
+            else:
+                keep.append(segment)
+        self._closed = keep
+
+    # -- internals ---------------------------------------------------------------
+
+    def _rows(
+        self, segment: _Segment, first: int, last: int
+    ) -> Iterator[tuple[dict[str, Any] | None, int]]:
+        try:
+            with open(segment.path, "rb") as fh:
+                yield from _lines(fh, segment.path, first, last, self._decode)
+        except FileNotFoundError:
+            log.error("history journal %s vanished before it was replayed", segment.path)
+
+    def _decode(self, raw: bytes, path: Path, end: int) -> dict[str, Any] | None:
+        try:
+            row = json.loads(raw.decode("utf-8", "surrogateescape"))
+            if not isinstance(row, dict) or "idempotency_key" not in row:
+                raise ValueError("not a history row")
+        except ValueError as exc:
+            log.error(
+                "history journal %s: unreadable line before byte %d set aside: %s", path, end, exc
+            )
+            try:
+                self.reject({"raw": raw.decode("utf-8", "replace")}, f"unreadable line: {exc}")
+            except JournalError as error:
+                log.error("history: %s", error)
+            return None
+        return row
+
+    def _cut_back(self, segment: _Segment, size: int, exc: OSError) -> None:
+        """Remove the part of a line a failed write left, so that the next
+        append does not glue onto it.  If even that fails, the segment is
+        retired and the next append opens a new one."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            log.error("cannot cut back the history journal %s; starting a new one", segment.path)
+            with self._mutex:
+                self._retire_current()
+            with contextlib.suppress(JournalError):
+                self.open_segment()
+        self.last_error = f"cannot write the history journal {segment.path}: {exc.strerror or exc}"
+
+    def _retire_current(self) -> None:
+        if self._current is None:
+            return
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._closed.append(self._current)
+        self._current = None
+
+    def _discard(self, segment: _Segment) -> bool:
+        try:
+            segment.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("cannot delete the replayed history journal %s: %s", segment.path, exc)
+        return False
+
+
+def _lock(directory: Path) -> int:
+    """Lock the journal directory for this process; the descriptor holds
+    the lock.  A directory that cannot be written is still locked when the
+    lock file exists (its segments can be read), and otherwise not locked
+    at all: nothing can be written there for another process to race on."""
+    path = directory / LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    except OSError as exc:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            log.error("cannot lock the history journal in %s: %s", directory, exc.strerror or exc)
+            return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise JournalError(
+            f"the history journal in {directory} is locked by another dmarcmilter "
+            "process; each running milter needs its own state directory"
+        ) from None
+    return fd
+
+
+def _lines(
+    fh: BinaryIO,
+    path: Path,
+    first: int,
+    last: int,
+    decode: Callable[[bytes, Path, int], dict[str, Any] | None],
+) -> Iterator[tuple[dict[str, Any] | None, int]]:
+    fh.seek(first)
+    consumed = first
+    buffer = b""
+    while consumed + len(buffer) < last:
+        chunk = fh.read(min(READ_CHUNK, last - consumed - len(buffer)))
+        if not chunk:
+            break
+        buffer += chunk
+        lines = buffer.split(b"\n")
+        buffer = lines.pop()
+        for raw in lines:
+            consumed += len(raw) + 1
+            yield decode(raw, path, consumed), consumed
+
+
+def encode(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(
+        json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows
+    ).encode("utf-8", "surrogateescape")
+
+
+def _trim_torn_tail(path: Path) -> int:
+    """The size of a segment up to its last whole line.  A last line left
+    incomplete by a crash in the middle of a write (no caller was answered
+    for it) is cut off when the file system allows, and never read."""
+    try:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            start = max(0, size - READ_CHUNK)
+            fh.seek(start)
+            tail = fh.read()
+    except OSError as exc:
+        log.error("cannot read the history journal %s: %s", path, exc.strerror or exc)
+        return 0
+    if tail.endswith(b"\n"):
+        return size
+    cut = tail.rfind(b"\n")
+    if cut < 0 and start > 0:
+        return size  # one line longer than READ_CHUNK: the reader sets it aside
+    keep = start + cut + 1 if cut >= 0 else 0
+    log.warning("history journal %s: dropping %d bytes of a torn last line", path, size - keep)
+    try:
+        os.truncate(path, keep)
+    except OSError as exc:
+        log.error("cannot cut the torn line off %s: %s", path, exc.strerror or exc)
+    return keep
