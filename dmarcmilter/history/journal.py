@@ -103,6 +103,7 @@ class Journal:
         self.rejected_path = directory / REJECTED_FILE
         self._fd = -1
         self._dirty = False
+        self._rotate_at = segment_bytes
         # Why the last append or segment failed, for the writer's log line.
         self.last_error = ""
         # Guards the segment list, which appends (rotation) and the writer
@@ -182,11 +183,13 @@ class Journal:
             raise JournalError(
                 f"cannot create the history journal {path}: {exc.strerror or exc}"
             ) from None
+        _sync_directory(self.directory)
         with self._mutex:
             self._retire_current()
             self._next_generation = generation + 1
             self._fd = fd
             self._current = _Segment(generation, path, 0)
+            self._rotate_at = self.segment_bytes
 
     def append(self, data: bytes) -> tuple[Position, Position] | None:
         """Append whole lines in one write; return where they start and end,
@@ -194,11 +197,13 @@ class Journal:
         the file)."""
         if self._current is None:
             return None
-        if self._current.size >= self.segment_bytes:
+        if self._current.size >= self._rotate_at:
             try:
                 self.open_segment()
             except JournalError as exc:
-                log.error("%s; appending to the full segment", exc)
+                # Tried again a little later, not at every append.
+                self.last_error = str(exc)
+                self._rotate_at = self._current.size + self.segment_bytes // 8
         segment = self._current
         start = segment.size
         try:
@@ -338,6 +343,20 @@ class Journal:
         except OSError as exc:
             log.error("cannot delete the replayed history journal %s: %s", segment.path, exc)
         return False
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a new segment's name survive a power loss."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _lock(directory: Path) -> int:

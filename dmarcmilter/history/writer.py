@@ -122,7 +122,8 @@ class HistoryWriter:
         self._thread: threading.Thread | None = None
         self._journal = Journal(state_dir, segment_bytes=segment_bytes)
         self._journal_retry_at = 0.0
-        self._unjournaled_reported = 0
+        self._reported = (0, 0)  # (unjournaled, lost) at the last report
+        self._report_at = 0.0
         self._engine: Engine | None = None
         self._down = False
         self._retry_at = 0.0
@@ -201,7 +202,8 @@ class HistoryWriter:
         if lost:
             # Neither in the journal nor in the database: nothing keeps them.
             self._count("lost", lost)
-            log.error("history: %d rows lost at shutdown: not journaled, database down", lost)
+        self._report_at = 0.0
+        self._report_trouble()
         if finished:
             self._journal.close()
             if self._engine is not None:
@@ -263,13 +265,6 @@ class HistoryWriter:
             self._count("unjournaled")
         if lost:
             self._count("lost")
-            log.error(
-                "history: row %s lost: the journal cannot be written (%s) and the "
-                "database is behind by %d rows",
-                row.get("idempotency_key"),
-                self._journal.last_error,
-                self.queue_size,
-            )
         # Event.set takes a lock: skip it while a wake-up is pending.
         if wake and not self._wake.is_set():
             self._wake.set()
@@ -331,6 +326,7 @@ class HistoryWriter:
                 return
 
     def _cycle(self, stopping: bool) -> None:
+        self._report_trouble()
         now = time.monotonic()
         if not self._journal.writable and now >= self._journal_retry_at:
             self._reopen_journal()
@@ -350,7 +346,14 @@ class HistoryWriter:
                 items = self._drain(self.batch_size)
             if not items:
                 return
-            if not self._write([item.row for item in items], fresh=True):
+            try:
+                stored = self._write([item.row for item in items], fresh=True)
+            except BaseException:
+                # A bug must not take the batch with it: the journaled rows
+                # are read back from the journal, the others requeued.
+                self._put_back(items)
+                raise
+            if not stored:
                 self._put_back(items)
                 return
             ends = [item.end for item in items if item.end is not None]
@@ -372,6 +375,36 @@ class HistoryWriter:
             if first is not None:
                 self._enter_catchup(first)
 
+    def _report_trouble(self) -> None:
+        """Log rows kept only in memory and rows lost since the last report,
+        at most every JOURNAL_RETRY seconds (a full disk must not flood the
+        log with a line per message); the counters are exact."""
+        now = time.monotonic()
+        if now < self._report_at:
+            return
+        with self._counts_lock:
+            unjournaled, lost = self._counts["unjournaled"], self._counts["lost"]
+        new_unjournaled = unjournaled - self._reported[0]
+        new_lost = lost - self._reported[1]
+        if not new_unjournaled and not new_lost:
+            return
+        self._reported = (unjournaled, lost)
+        self._report_at = now + JOURNAL_RETRY
+        if new_unjournaled:
+            log.error(
+                "history: %d rows could not be journaled (%s); they wait in memory "
+                "for the database (%d in all since start)",
+                new_unjournaled,
+                self._journal.last_error or "the journal is not writable",
+                unjournaled,
+            )
+        if new_lost:
+            log.error(
+                "history: %d rows lost: neither journaled nor stored (%d in all since start)",
+                new_lost,
+                lost,
+            )
+
     def _put_back(self, items: list[Queued]) -> None:
         """A batch the database did not take: its journaled rows are read
         from the journal later; rows only in memory go back to the front of
@@ -386,7 +419,6 @@ class HistoryWriter:
             lost = len(memory) - min(len(memory), room)
         if lost:
             self._count("lost", lost)
-            log.error("history: %d rows lost: not journaled and the database is down", lost)
 
     def _catch_up(self) -> None:
         """Store the rows waiting in the journal, then go back to the queue.
@@ -423,7 +455,13 @@ class HistoryWriter:
         for rows, after in self._journal.read(start, end, self.batch_size):
             if rows:
                 before = self._counts["written"]
-                if not self._write(rows, fresh=False):
+                try:
+                    written = self._write(rows, fresh=False)
+                except BaseException:
+                    with self._lock:
+                        self._enter_catchup(start)
+                    raise
+                if not written:
                     with self._lock:
                         self._enter_catchup(start)
                     return None
@@ -447,12 +485,7 @@ class HistoryWriter:
                 self._journal.open_segment()
             except JournalError as exc:
                 self._journal_retry_at = time.monotonic() + JOURNAL_RETRY
-                unjournaled = self._counts["unjournaled"]
-                log.error(
-                    "%s; %d history rows were not journaled so far",
-                    exc,
-                    unjournaled,
-                )
+                self._journal.last_error = str(exc)
                 return
         log.info("history journal writable again in %s", self._journal.directory)
 
