@@ -130,7 +130,8 @@ def journal_lines(state_dir: Path) -> list[dict[str, Any]]:
     return [
         json.loads(line)
         for path in sorted(state_dir.glob("history-journal.*.jsonl"))
-        for line in path.read_text().splitlines()
+        # A segment being written is zero-filled past its last row.
+        for line in path.read_bytes().partition(b"\0")[0].decode().splitlines()
     ]
 
 

@@ -3,11 +3,20 @@ milter answers the message, until the database holds it.
 
 The journal is a sequence of segment files in the state directory,
 ``history-journal.<generation>.jsonl``: one row dict (the exact shape of
-:func:`dmarcmilter.history.rows.message_row`) per JSON line.  The milter
-appends each row with one ``write()`` before its end-of-message reply, so a
-process kill (SIGKILL, a crash) loses no row that got a reply: the page cache
-keeps it.  The writer thread fsyncs the journal while rows wait in it for the
-database, so a power loss costs at most the last flush interval.
+:func:`dmarcmilter.history.rows.message_row`) per JSON line, followed by
+zero bytes up to the segment's preallocated size.  The milter copies each
+row into the segment's shared memory mapping before its end-of-message
+reply, so a process kill (SIGKILL, a crash) loses no row that got a reply:
+the page cache keeps it.  The copy is a plain memory write: no system call,
+and no release of the interpreter lock on the mail path.  The writer thread
+msyncs the journal while rows wait in it for the database, so a power loss
+costs at most the last flush interval.
+
+Each segment's space is allocated when it is created (``posix_fallocate``),
+so a full file system refuses a new segment, cleanly, instead of failing a
+write into the mapping (which would kill the process with SIGBUS).  The
+writer thread prepares the next segment before the current one is full, so
+the mail path does not create files either.
 
 Segments are never truncated or rewritten, and no offset is kept on disk:
 
@@ -21,9 +30,10 @@ So the only state on disk is the rows themselves: there is no offset that
 could go stale and make a restart skip rows that were never stored.  The
 price is re-reading at most one segment of already-stored rows at start.
 
-A row that cannot be appended (a full or read-only file system) is not
-written in part: the segment is cut back to its last whole line and the
-caller keeps the row in memory instead.
+A row that cannot be appended (no segment could be created: a full or
+read-only file system) is not journaled; the caller keeps it in memory
+instead.  A line cut short by a crash in the middle of the copy is never
+read back: a segment's rows end at its last newline before the zero bytes.
 
 ``history-rejected.jsonl`` keeps rows the database refused as invalid
 (never connectivity problems), with the error, for an operator to inspect.
@@ -39,6 +49,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import mmap
 import os
 import re
 import threading
@@ -46,6 +57,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import orjson
 
 from ..errors import DatabaseError
 
@@ -59,9 +72,13 @@ REJECTED_FILE = "history-rejected.jsonl"
 LEGACY_SPOOL = "history-spool.jsonl"
 LEGACY_LEFTOVERS = ("history-spool.offset", "history-spool.offset.tmp", "history-spool.tmp")
 LEGACY_REJECTED = "history-spool.rejected.jsonl"
-# A new segment is started past this size.  At start, at most about this
-# much of already-stored rows is read again.
+# The size of a segment, allocated when it is made.  At start, at most about
+# this much of already-stored rows is read again.  A row larger than this
+# (none is: rows are capped far below) gets a segment of its own size.
 SEGMENT_BYTES = 8 << 20
+# The writer thread prepares the next segment once the current one is this
+# full.
+PREPARE_AT = 0.75
 # Read size when replaying; a longer line is still read whole.
 READ_CHUNK = 1 << 20
 # Generation 0 is the legacy spool; segments are numbered from 1.
@@ -86,7 +103,27 @@ class Position:
 class _Segment:
     generation: int
     path: Path
-    size: int
+    size: int  # bytes of whole lines
+    # For the segment being written: its mapping and allocated size.
+    mapping: mmap.mmap | None = None
+    capacity: int = 0
+
+    def unmap(self, *, trim: bool) -> None:
+        """Flush and drop the mapping; ``trim`` gives the unused, zeroed
+        space back to the file system."""
+        if self.mapping is None:
+            return
+        try:
+            self.mapping.flush()
+        except OSError as exc:
+            log.error("cannot sync the history journal %s: %s", self.path, exc.strerror or exc)
+        self.mapping.close()
+        self.mapping = None
+        if trim:
+            try:
+                os.truncate(self.path, self.size)
+            except OSError as exc:
+                log.error("cannot trim the history journal %s: %s", self.path, exc.strerror or exc)
 
 
 class Journal:
@@ -101,9 +138,8 @@ class Journal:
         self.directory = directory
         self.segment_bytes = segment_bytes
         self.rejected_path = directory / REJECTED_FILE
-        self._fd = -1
         self._dirty = False
-        self._rotate_at = segment_bytes
+        self._spare: _Segment | None = None
         # Why the last append or segment failed, for the writer's log line.
         self.last_error = ""
         # Guards the segment list, which appends (rotation) and the writer
@@ -127,7 +163,7 @@ class Journal:
                 self._closed.append(_Segment(int(match.group(1)), path, 0))
         self._closed.sort(key=lambda s: s.generation)
         for segment in self._closed:
-            segment.size = _trim_torn_tail(segment.path)
+            segment.size = _data_end(segment.path)
         self._closed = [s for s in self._closed if s.size > 0 or self._discard(s)]
         for name in LEGACY_LEFTOVERS:
             (directory / name).unlink(missing_ok=True)
@@ -159,74 +195,126 @@ class Journal:
         return total + (self._current.size if self._current is not None else 0)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                log.error("cannot sync the history journal: %s", exc.strerror or exc)
-            os.close(self._fd)
-            self._fd = -1
+        with self._mutex:
+            if self._current is not None:
+                self._current.unmap(trim=True)
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.unmap(trim=False)
+            self._discard(spare)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
 
     # -- writing -----------------------------------------------------------------
 
-    def open_segment(self) -> None:
+    def open_segment(self, at_least: int = 0) -> None:
         """Start a new segment for appends; JournalError when the directory
         cannot take one (read-only, full, gone)."""
-        generation = self._next_generation
+        segment = (
+            self._spare if self._spare is not None and at_least <= self._spare.capacity else None
+        )
+        if segment is None:
+            segment = self._make_segment(max(self.segment_bytes, at_least))
+        with self._mutex:
+            if self._spare is segment:
+                self._spare = None
+            if self._current is not None:
+                self._current.unmap(trim=True)
+                self._closed.append(self._current)
+            self._current = segment
+
+    def prepare(self) -> None:
+        """Make the next segment ahead of time (the writer thread calls this),
+        so that appends rarely create a file themselves."""
+        current = self._current
+        if (
+            current is None
+            or self._spare is not None
+            or current.size < current.capacity * PREPARE_AT
+        ):
+            return
+        try:
+            spare = self._make_segment(self.segment_bytes)
+        except JournalError as exc:
+            self.last_error = str(exc)
+            return
+        self._spare = spare
+
+    def append(self, data: bytes) -> tuple[int, int, int] | None:
+        """Copy whole lines into the journal; return the segment's generation
+        and the offsets where they start and end, or None when no segment
+        can take them.  (Plain numbers: this runs on the mail path.)"""
+        segment = self._current
+        if segment is None:
+            return None
+        start = segment.size
+        if start + len(data) > segment.capacity:
+            try:
+                self.open_segment(len(data))
+            except JournalError as exc:
+                self.last_error = str(exc)
+                with self._mutex:
+                    # Rows go to memory until the writer thread manages to
+                    # open a segment again.
+                    segment.unmap(trim=True)
+                    self._closed.append(segment)
+                    self._current = None
+                return None
+            segment = self._current
+            assert segment is not None and segment.mapping is not None
+            start = 0
+        assert segment.mapping is not None
+        end = start + len(data)
+        segment.mapping[start:end] = data
+        segment.size = end
+        self._dirty = True
+        return segment.generation, start, end
+
+    def sync(self) -> None:
+        """msync what was appended since the last call (the writer thread
+        does, while rows wait in the journal for the database)."""
+        segment = self._current
+        if self._dirty and segment is not None and segment.mapping is not None:
+            self._dirty = False
+            try:
+                segment.mapping.flush()
+            except (OSError, ValueError) as exc:
+                log.error("cannot sync the history journal %s: %s", segment.path, exc)
+
+    def _make_segment(self, capacity: int) -> _Segment:
+        with self._mutex:
+            generation = self._next_generation
+            self._next_generation += 1
         path = self.directory / f"{SEGMENT_PREFIX}{generation:012d}{SEGMENT_SUFFIX}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             raise JournalError(
                 f"cannot create the history journal {path}: {exc.strerror or exc}"
             ) from None
-        _sync_directory(self.directory)
-        with self._mutex:
-            self._retire_current()
-            self._next_generation = generation + 1
-            self._fd = fd
-            self._current = _Segment(generation, path, 0)
-            self._rotate_at = self.segment_bytes
-
-    def append(self, data: bytes) -> tuple[Position, Position] | None:
-        """Append whole lines in one write; return where they start and end,
-        or None when they could not be written (nothing of them is left in
-        the file)."""
-        if self._current is None:
-            return None
-        if self._current.size >= self._rotate_at:
-            try:
-                self.open_segment()
-            except JournalError as exc:
-                # Tried again a little later, not at every append.
-                self.last_error = str(exc)
-                self._rotate_at = self._current.size + self.segment_bytes // 8
-        segment = self._current
-        start = segment.size
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as exc:
-            self._cut_back(segment, start, exc)
-            return None
-        segment.size = start + len(data)
-        self._dirty = True
-        return Position(segment.generation, start), Position(segment.generation, segment.size)
-
-    def sync(self) -> None:
-        """fsync what was appended since the last call (the writer thread
-        does, while rows wait in the journal for the database)."""
-        if self._dirty and self._fd >= 0:
-            self._dirty = False
             try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                log.error("cannot sync the history journal: %s", exc.strerror or exc)
+                os.posix_fallocate(fd, 0, capacity)
+                # Populated now, in the writer thread: the mail path's
+                # copies then take no page faults.
+                mapping = mmap.mmap(
+                    fd,
+                    capacity,
+                    mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                    mmap.PROT_READ | mmap.PROT_WRITE,
+                )
+            finally:
+                os.close(fd)  # the mapping keeps the file
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise JournalError(
+                f"cannot allocate {capacity} bytes for the history journal {path}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        _sync_directory(self.directory)
+        return _Segment(generation, path, 0, mapping, capacity)
 
     def reject(self, row: dict[str, Any], error: str) -> None:
         """Keep a row the database refused as invalid, with the reason."""
@@ -312,31 +400,6 @@ class Journal:
             return None
         return row
 
-    def _cut_back(self, segment: _Segment, size: int, exc: OSError) -> None:
-        """Remove the part of a line a failed write left, so that the next
-        append does not glue onto it.  If even that fails, the segment is
-        retired and the next append opens a new one."""
-        try:
-            os.ftruncate(self._fd, size)
-        except OSError:
-            log.error("cannot cut back the history journal %s; starting a new one", segment.path)
-            with self._mutex:
-                self._retire_current()
-            with contextlib.suppress(JournalError):
-                self.open_segment()
-        self.last_error = f"cannot write the history journal {segment.path}: {exc.strerror or exc}"
-
-    def _retire_current(self) -> None:
-        if self._current is None:
-            return
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-        self._closed.append(self._current)
-        self._current = None
-
     def _discard(self, segment: _Segment) -> bool:
         try:
             segment.path.unlink(missing_ok=True)
@@ -407,36 +470,43 @@ def _lines(
             yield decode(raw, path, consumed), consumed
 
 
+def encode_line(row: dict[str, Any]) -> bytes:
+    """The journal line of one row."""
+    try:
+        return orjson.dumps(row) + b"\n"
+    except TypeError:  # orjson.JSONEncodeError included
+        # Text that is not valid Unicode (lone surrogates, which rows are
+        # built without) keeps its bytes; the database refuses such a row
+        # later, with a reason, as any row it cannot take.
+        line = json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n"
+        return line.encode("utf-8", "surrogateescape")
+
+
 def encode(rows: list[dict[str, Any]]) -> bytes:
-    return "".join(
-        json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n" for row in rows
-    ).encode("utf-8", "surrogateescape")
+    """The journal lines of ``rows``."""
+    return b"".join(encode_line(row) for row in rows)
 
 
-def _trim_torn_tail(path: Path) -> int:
-    """The size of a segment up to its last whole line.  A last line left
-    incomplete by a crash in the middle of a write (no caller was answered
-    for it) is cut off when the file system allows, and never read."""
+def _data_end(path: Path) -> int:
+    """Where a segment's whole lines end: at the last newline before the
+    first zero byte (the unused, preallocated space) or the end of the file.
+    A last line cut short by a crash (no caller was answered for it) is
+    left out."""
+    end = stop = offset = 0
     try:
         with open(path, "rb") as fh:
-            size = fh.seek(0, os.SEEK_END)
-            if size == 0:
-                return 0
-            start = max(0, size - READ_CHUNK)
-            fh.seek(start)
-            tail = fh.read()
+            while chunk := fh.read(READ_CHUNK):
+                zero = chunk.find(b"\0")
+                part = chunk if zero < 0 else chunk[:zero]
+                newline = part.rfind(b"\n")
+                if newline >= 0:
+                    end = offset + newline + 1
+                stop = offset + len(part)
+                if zero >= 0:
+                    break
+                offset += len(chunk)
     except OSError as exc:
         log.error("cannot read the history journal %s: %s", path, exc.strerror or exc)
-        return 0
-    if tail.endswith(b"\n"):
-        return size
-    cut = tail.rfind(b"\n")
-    if cut < 0 and start > 0:
-        return size  # one line longer than READ_CHUNK: the reader sets it aside
-    keep = start + cut + 1 if cut >= 0 else 0
-    log.warning("history journal %s: dropping %d bytes of a torn last line", path, size - keep)
-    try:
-        os.truncate(path, keep)
-    except OSError as exc:
-        log.error("cannot cut the torn line off %s: %s", path, exc.strerror or exc)
-    return keep
+    if stop > end:
+        log.warning("history journal %s: %d bytes of a torn last line left out", path, stop - end)
+    return end

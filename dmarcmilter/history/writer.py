@@ -39,7 +39,7 @@ from ..evaluation import Evaluation
 from ..policy import Decision
 from . import db
 from .bulk import insert_rows
-from .journal import SEGMENT_BYTES, Journal, JournalError, Position, encode
+from .journal import SEGMENT_BYTES, Journal, JournalError, Position, encode_line
 from .rows import message_row
 
 log = logging.getLogger("dmarcmilter.history")
@@ -49,17 +49,29 @@ BATCH_SIZE = 1000
 FLUSH_INTERVAL = 0.25  # seconds a row may wait for its batch to fill
 RETRY_INITIAL = 0.5  # seconds before the first reconnection attempt
 RETRY_MAX = 30.0
-# How often a journal that cannot be written is tried again, and how often
-# rows kept only in memory are reported while that lasts.
-JOURNAL_RETRY = 30.0
+# How often a journal that cannot be written is tried again (making a
+# segment that fails is cheap), and how often rows kept only in memory or
+# lost are reported while that lasts.
+JOURNAL_RETRY = 1.0
+TROUBLE_LOG_INTERVAL = 30.0
 
 
 class Queued(NamedTuple):
     row: dict[str, Any]
-    # Where the row's line is in the journal; None when it could not be
-    # appended (the row then exists only here).
-    start: Position | None
-    end: Position | None
+    # Where the row's line is in the journal: a segment and the offsets of
+    # the line's start and end; generation -1 when it could not be appended
+    # (the row then exists only here).
+    generation: int
+    offset: int
+    end_offset: int
+
+    @property
+    def start(self) -> Position | None:
+        return Position(self.generation, self.offset) if self.generation >= 0 else None
+
+    @property
+    def end(self) -> Position | None:
+        return Position(self.generation, self.end_offset) if self.generation >= 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +253,7 @@ class HistoryWriter:
 
     def enqueue_row(self, row: dict[str, Any]) -> None:
         """Hand over a row already built by :func:`rows.message_row`."""
-        data = encode([row])
+        data = encode_line(row)
         lost = False
         with self._lock:
             span = self._journal.append(data)
@@ -249,18 +261,21 @@ class HistoryWriter:
             if span is None:
                 # Only in memory: kept until the database takes it.
                 if len(queue) < self.queue_size:
-                    queue.append(Queued(row, None, None))
+                    queue.append(Queued(row, -1, 0, 0))
                 else:
                     lost = True
             elif self._live:
                 if len(queue) < self.queue_size:
-                    queue.append(Queued(row, span[0], span[1]))
+                    queue.append(Queued(row, *span))
                 else:
                     # The writer is a whole queue behind: it reads the
                     # journal from the oldest queued row instead.
-                    first = next((item.start for item in queue if item.start), span[0])
+                    first = next(
+                        (item.start for item in queue if item.start),
+                        Position(span[0], span[1]),
+                    )
                     self._enter_catchup(first)
-            wake = len(queue) >= self.batch_size or not self._live
+            wake = len(queue) >= self.batch_size
         if span is None:
             self._count("unjournaled")
         if lost:
@@ -330,6 +345,7 @@ class HistoryWriter:
         now = time.monotonic()
         if not self._journal.writable and now >= self._journal_retry_at:
             self._reopen_journal()
+        self._journal.prepare()
         if not self._live:
             # Rows wait in the journal for the database: make them survive
             # a power loss too.
@@ -377,7 +393,7 @@ class HistoryWriter:
 
     def _report_trouble(self) -> None:
         """Log rows kept only in memory and rows lost since the last report,
-        at most every JOURNAL_RETRY seconds (a full disk must not flood the
+        at most every TROUBLE_LOG_INTERVAL seconds (a full disk must not flood the
         log with a line per message); the counters are exact."""
         now = time.monotonic()
         if now < self._report_at:
@@ -389,7 +405,7 @@ class HistoryWriter:
         if not new_unjournaled and not new_lost:
             return
         self._reported = (unjournaled, lost)
-        self._report_at = now + JOURNAL_RETRY
+        self._report_at = now + TROUBLE_LOG_INTERVAL
         if new_unjournaled:
             log.error(
                 "history: %d rows could not be journaled (%s); they wait in memory "
