@@ -254,7 +254,7 @@ class HistoryWriter:
     def enqueue_row(self, row: dict[str, Any]) -> None:
         """Hand over a row already built by :func:`rows.message_row`."""
         data = encode_line(row)
-        lost = False
+        lost = behind = False
         with self._lock:
             span = self._journal.append(data)
             queue = self._queue
@@ -275,11 +275,17 @@ class HistoryWriter:
                         Position(span[0], span[1]),
                     )
                     self._enter_catchup(first)
+                    behind = True
             wake = len(queue) >= self.batch_size
         if span is None:
             self._count("unjournaled")
         if lost:
             self._count("lost")
+        if behind:
+            log.info(
+                "history writer %d rows behind the milter; reading them back from the journal",
+                self.queue_size,
+            )
         # Event.set takes a lock: skip it while a wake-up is pending.
         if wake and not self._wake.is_set():
             self._wake.set()
