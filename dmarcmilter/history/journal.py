@@ -129,7 +129,14 @@ class Journal:
             segment.size = _trim_torn_tail(segment.path)
         self._closed = [s for s in self._closed if s.size > 0 or self._discard(s)]
         for name in LEGACY_LEFTOVERS:
-            (directory / name).unlink(missing_ok=True)
+            leftover = directory / name
+            # Only when there is one: on a read-only file system even the
+            # unlink of a missing file fails (EROFS), and the start must not.
+            if os.path.lexists(leftover):
+                try:
+                    leftover.unlink()
+                except OSError as exc:
+                    log.error("cannot remove %s: %s", leftover, exc.strerror or exc)
         self._next_generation = (self._closed[-1].generation + 1) if self._closed else 1
         self._current: _Segment | None = None
 
@@ -165,6 +172,11 @@ class Journal:
                 log.error("cannot sync the history journal: %s", exc.strerror or exc)
             os.close(self._fd)
             self._fd = -1
+        with self._mutex:
+            current, self._current = self._current, None
+        if current is not None and current.size == 0:
+            # Nothing was appended: leave no empty file behind.
+            self._discard(current)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
