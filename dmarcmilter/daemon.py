@@ -297,7 +297,7 @@ class Daemon:
         # no reply, so the MTA does not wait for it) start their transaction
         # a moment later: let them, so they count as in progress.
         time.sleep(STOP_SETTLE)
-        ticket = self.state.last_ticket
+        ticket = self.state.admit_no_more()
         if self.spec.family == "unix":
             # No new connections: the MTA finds no socket and applies its
             # milter_default_action.  (libmilter's own stop would also cut

@@ -166,7 +166,14 @@ class Journal:
             segment.size = _data_end(segment.path)
         self._closed = [s for s in self._closed if s.size > 0 or self._discard(s)]
         for name in LEGACY_LEFTOVERS:
-            (directory / name).unlink(missing_ok=True)
+            leftover = directory / name
+            # Only when there is one: on a read-only file system even the
+            # unlink of a missing file fails (EROFS), and the start must not.
+            if os.path.lexists(leftover):
+                try:
+                    leftover.unlink()
+                except OSError as exc:
+                    log.error("cannot remove %s: %s", leftover, exc.strerror or exc)
         self._next_generation = (self._closed[-1].generation + 1) if self._closed else 1
         self._current: _Segment | None = None
 
@@ -196,9 +203,15 @@ class Journal:
 
     def close(self) -> None:
         with self._mutex:
-            if self._current is not None:
-                self._current.unmap(trim=True)
+            current, self._current = self._current, None
             spare, self._spare = self._spare, None
+        if current is not None:
+            current.unmap(trim=True)
+            if current.size == 0:
+                # Nothing was appended: leave no empty file behind.
+                self._discard(current)
+            else:
+                self._closed.append(current)
         if spare is not None:
             spare.unmap(trim=False)
             self._discard(spare)

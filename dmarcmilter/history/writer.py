@@ -130,6 +130,8 @@ class HistoryWriter:
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._stopping = False
+        # Set by close(): the journal is closed, no row can be kept any more.
+        self._closed = False
         self._busy = False
         self._thread: threading.Thread | None = None
         self._journal = Journal(state_dir, segment_bytes=segment_bytes)
@@ -210,6 +212,7 @@ class HistoryWriter:
         with self._lock:
             left = list(self._queue)
             self._queue.clear()
+            self._closed = True
         lost = sum(1 for item in left if item.start is None)
         if lost:
             # Neither in the journal nor in the database: nothing keeps them.
@@ -256,9 +259,14 @@ class HistoryWriter:
         data = encode_line(row)
         lost = behind = False
         with self._lock:
-            span = self._journal.append(data)
+            closed = self._closed
+            span = None if closed else self._journal.append(data)
             queue = self._queue
-            if span is None:
+            if closed:
+                # A transaction that ended after the daemon closed its
+                # history (the milter answers until the process exits).
+                lost = True
+            elif span is None:
                 # Only in memory: kept until the database takes it.
                 if len(queue) < self.queue_size:
                     queue.append(Queued(row, -1, 0, 0))
@@ -277,6 +285,13 @@ class HistoryWriter:
                     self._enter_catchup(first)
                     behind = True
             wake = len(queue) >= self.batch_size
+        if closed:
+            self._count("lost")
+            log.error(
+                "history: row %s lost: it came after the history writer was closed",
+                row.get("idempotency_key"),
+            )
+            return
         if span is None:
             self._count("unjournaled")
         if lost:
