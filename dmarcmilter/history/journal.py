@@ -18,10 +18,12 @@ write into the mapping (which would kill the process with SIGBUS).  The
 writer thread prepares the next segment before the current one is full, so
 the mail path does not create files either.
 
-Segments are never truncated or rewritten, and no offset is kept on disk:
+Rows are never rewritten, and no offset is kept on disk:
 
-* appends go to the newest segment; past ``segment_bytes`` a new one is
-  started;
+* appends go to the newest segment; when it is full, a new one is started
+  (``segment_bytes``, 8 MiB, or a quarter of the free space when the file
+  system has less than four times that left, down to 64 KiB), and the full
+  one is trimmed to its rows;
 * a segment is deleted once every row in it is in the database;
 * at start, every segment left by an earlier run is replayed whole, and rows
   whose idempotency key is already stored are skipped.
@@ -76,6 +78,9 @@ LEGACY_REJECTED = "history-spool.rejected.jsonl"
 # this much of already-stored rows is read again.  A row larger than this
 # (none is: rows are capped far below) gets a segment of its own size.
 SEGMENT_BYTES = 8 << 20
+# With less than four segments' worth of free space, segments shrink to a
+# quarter of it, down to this.
+MIN_SEGMENT_BYTES = 64 << 10
 # The writer thread prepares the next segment once the current one is this
 # full.
 PREPARE_AT = 0.75
@@ -228,7 +233,7 @@ class Journal:
             self._spare if self._spare is not None and at_least <= self._spare.capacity else None
         )
         if segment is None:
-            segment = self._make_segment(max(self.segment_bytes, at_least))
+            segment = self._make_segment(at_least)
         with self._mutex:
             if self._spare is segment:
                 self._spare = None
@@ -248,7 +253,7 @@ class Journal:
         ):
             return
         try:
-            spare = self._make_segment(self.segment_bytes)
+            spare = self._make_segment(0)
         except JournalError as exc:
             self.last_error = str(exc)
             return
@@ -295,7 +300,19 @@ class Journal:
             except (OSError, ValueError) as exc:
                 log.error("cannot sync the history journal %s: %s", segment.path, exc)
 
-    def _make_segment(self, capacity: int) -> _Segment:
+    def _capacity(self) -> int:
+        """segment_bytes, or less on a file system with little room left: a
+        quarter of what is free, so that a nearly full disk still journals
+        as long as it can rather than refusing a whole segment at once."""
+        try:
+            stat = os.statvfs(self.directory)
+        except OSError:
+            return self.segment_bytes
+        free = stat.f_bavail * stat.f_frsize
+        return max(MIN_SEGMENT_BYTES, min(self.segment_bytes, free // 4))
+
+    def _make_segment(self, at_least: int) -> _Segment:
+        capacity = max(self._capacity(), at_least)
         with self._mutex:
             generation = self._next_generation
             self._next_generation += 1
