@@ -11,8 +11,11 @@ APT_PACKAGES := python3-venv python3-dev libmilter-dev gcc
 # (tests/pgserver.py), MariaDB server (tests/mysqlserver.py) and Postfix instances
 # (tests/postfixserver.py); the Debian-packaged system services are not used.
 # systemd provides systemd-analyze for the unit checks; podman, runc and
-# debootstrap build and run the container images (tests/podman.py).
-TEST_APT_PACKAGES := postgresql mariadb-server postfix systemd podman runc debootstrap
+# debootstrap build and run the container images (tests/podman.py: the
+# image, Sendmail), podman-compose the sidecar example, whose service names
+# resolve through aardvark-dns on a netavark network.
+TEST_APT_PACKAGES := postgresql mariadb-server postfix systemd podman runc debootstrap \
+	podman-compose netavark aardvark-dns iptables
 # Optional, for the milter benchmark only (bench/milter_throughput.py compares
 # dmarcmilter with Debian's opendkim + opendmarc): not test dependencies.  The
 # system services are not started (policy-rc.d); the benchmark runs private

@@ -23,6 +23,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import IN_CI
+
 ROOT = Path(__file__).resolve().parent.parent
 # The FROM of docker/Dockerfile and of the test images.
 BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
@@ -38,7 +42,24 @@ def unavailable() -> str | None:
     for tool in ("podman", "runc", "debootstrap"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    if not os.path.ismount("/"):
+        # podman unpacks image layers in a private mount namespace, which
+        # needs / to be a mount point: a plain chroot is not enough.
+        return "podman cannot unpack images here: / is not a mount point (a plain chroot?)"
     return None
+
+
+def require(what: str) -> None:
+    """Fail ``what`` in CI when containers cannot run (a CI machine must run
+    them), skip it elsewhere.  A plain chroot skips even in CI: podman
+    cannot unpack images there at all, and a chroot is how the bare-machine
+    check (../shared/tools/fresh-root.sh) runs the suite, not a CI machine."""
+    reason = unavailable()
+    if reason is None:
+        return
+    if IN_CI and os.path.ismount("/"):
+        pytest.fail(f"{what} needs podman in CI: {reason}")
+    pytest.skip(f"containers cannot run here: {reason}")
 
 
 def environment() -> dict[str, str]:
