@@ -159,8 +159,7 @@ _NO_RECORD: dict[str, Any] = dict.fromkeys(
 # text, and 10,000 keys of 60 KB would be 600 MB an attacker chose.
 _record_cache: dict[str, dict[str, Any]] = {}
 _RECORD_CACHE_SIZE = 10_000
-# A record longer than this is not cached, and the writer turns its
-# evaluation into a row before queueing it (honest records are < 300).
+# A record longer than this is not cached (honest records are < 300).
 LARGE_RECORD_CHARS = 1024
 
 
