@@ -42,7 +42,7 @@ from typing import Any
 import Milter
 
 from . import __version__
-from .config import Config, SocketSpec, load_config, parse_database_url, parse_socket
+from .config import Config, SocketSpec, load_config, parse_socket
 from .errors import ConfigError, DatabaseError, DmarcMilterError, SchemaError
 from .history import db
 from .history.writer import HistoryWriter
@@ -237,7 +237,7 @@ class Daemon:
                 "dmarcmilter %s listening on %s",
                 __version__,
                 self.spec.libmilter,
-                extra={"fields": {"state_dir": str(state_dir), "database": _shown(url)}},
+                extra={"fields": {"state_dir": str(state_dir), "database": db.shown(url)}},
             )
             self._serve(thread)
         finally:
@@ -374,10 +374,6 @@ class Daemon:
 def _setting(config: Config, dotted: str) -> Any:
     section, name = dotted.split(".")
     return getattr(getattr(config, section), name)
-
-
-def _shown(url: str) -> str:
-    return parse_database_url(url).render_as_string(hide_password=True)
 
 
 def run(config_path: str | None) -> int:
