@@ -305,10 +305,6 @@ def _database_url(args: argparse.Namespace) -> str:
     return load_config(args.config).database_url()
 
 
-def _shown(url: str) -> str:
-    return parse_database_url(url).render_as_string(hide_password=True)
-
-
 def cmd_db(args: argparse.Namespace) -> int:
     # Imported here: the other commands should not pay for Alembic.
     from .history import db
@@ -319,13 +315,13 @@ def cmd_db(args: argparse.Namespace) -> int:
         before, head = db.schema_status(url)
         db.upgrade(url)
         if before == head:
-            print(f"{_shown(url)}: schema already at {head}")
+            print(f"{db.shown(url)}: schema already at {head}")
         else:
-            print(f"{_shown(url)}: schema upgraded from {before or 'empty'} to {head}")
+            print(f"{db.shown(url)}: schema upgraded from {before or 'empty'} to {head}")
         return EXIT_OK
     if args.db_command == "status":
         current, head = db.schema_status(url)
-        print(f"Database:        {_shown(url)}")
+        print(f"Database:        {db.shown(url)}")
         print(f"Schema revision: {current or '- (empty database)'}")
         print(f"Newest revision: {head}")
         if current != head:
@@ -334,10 +330,12 @@ def cmd_db(args: argparse.Namespace) -> int:
         return EXIT_OK
     assert age is not None
     deleted = db.prune(url, age)
-    print(f"{_shown(url)}: deleted {deleted} message(s) older than {args.older_than}")
+    print(f"{db.shown(url)}: deleted {deleted} message(s) older than {args.older_than}")
     reports = db.prune_reports(url, age)
     if reports:
-        print(f"{_shown(url)}: deleted {reports} aggregate report(s) older than {args.older_than}")
+        print(
+            f"{db.shown(url)}: deleted {reports} aggregate report(s) older than {args.older_than}"
+        )
     return EXIT_OK
 
 

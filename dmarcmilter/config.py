@@ -185,6 +185,12 @@ class PathsConfig:
     # Empty: /var/lib/dmarcmilter when this process may write there, else
     # ./state, so a first unprivileged run works without configuration.
     state_dir: str = ""
+    # What the milter does at start when the state directory cannot hold the
+    # history journal (read-only, full, wrong owner): "continue" (mail flows;
+    # rows go straight to the database and are lost if it fails too; logged
+    # every 30 s until the directory is writable again) or "refuse" (the
+    # milter does not start).
+    unwritable_state_dir: str = _opt("continue", choices=("continue", "refuse"))
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from typing import Any
 import Milter
 
 from . import __version__
-from .config import Config, SocketSpec, load_config, parse_database_url, parse_socket
+from .config import Config, SocketSpec, load_config, parse_socket
 from .errors import ConfigError, DatabaseError, DmarcMilterError, SchemaError
 from .history import db
 from .history.writer import HistoryWriter
@@ -158,11 +158,11 @@ class _QueueHandler(logging.handlers.QueueHandler):
 
 def prepare_database(url: str) -> None:
     """Create the schema in an empty database; refuse one that is behind.
-    An unreachable database is left to the writer, which spools."""
+    An unreachable database is left to the writer: rows wait in its journal."""
     try:
         current, head = db.schema_status(url)
     except DatabaseError as exc:
-        log.warning("history database unreachable at start: %s; rows will be spooled", exc)
+        log.warning("history database unreachable at start: %s; rows wait in the journal", exc)
         return
     if current is None:
         log.info("creating the history schema in an empty database")
@@ -226,7 +226,9 @@ class Daemon:
             ) from None
         url = self.config.database_url()
         prepare_database(url)
-        self.writer = HistoryWriter(url, state_dir)
+        self.writer = HistoryWriter(
+            url, state_dir, unwritable_journal=self.config.paths.unwritable_state_dir
+        )
         self.writer.start()
         self.state = MilterState(Runtime.build(self.config), self.writer)
         try:
@@ -235,7 +237,7 @@ class Daemon:
                 "dmarcmilter %s listening on %s",
                 __version__,
                 self.spec.libmilter,
-                extra={"fields": {"state_dir": str(state_dir), "database": _shown(url)}},
+                extra={"fields": {"state_dir": str(state_dir), "database": db.shown(url)}},
             )
             self._serve(thread)
         finally:
@@ -295,7 +297,7 @@ class Daemon:
         # no reply, so the MTA does not wait for it) start their transaction
         # a moment later: let them, so they count as in progress.
         time.sleep(STOP_SETTLE)
-        ticket = self.state.last_ticket
+        ticket = self.state.admit_no_more()
         if self.spec.family == "unix":
             # No new connections: the MTA finds no socket and applies its
             # milter_default_action.  (libmilter's own stop would also cut
@@ -350,15 +352,17 @@ class Daemon:
     def _finish(self) -> None:
         if self.writer is not None:
             if not self.writer.close():
-                log.error("history writer did not finish; unwritten rows were spooled")
+                log.error("history writer did not finish; its rows wait in the journal")
             stats = self.writer.stats()
             log.info(
                 "stopped",
                 extra={
                     "fields": {
                         "rows_written": stats.rows_written,
-                        "rows_spooled": stats.rows_spooled,
-                        "spool_pending_bytes": stats.spool_pending_bytes,
+                        "rows_replayed": stats.rows_replayed,
+                        "rows_unjournaled": stats.rows_unjournaled,
+                        "rows_lost": stats.rows_lost,
+                        "journal_bytes": stats.journal_bytes,
                     }
                 },
             )
@@ -370,10 +374,6 @@ class Daemon:
 def _setting(config: Config, dotted: str) -> Any:
     section, name = dotted.split(".")
     return getattr(getattr(config, section), name)
-
-
-def _shown(url: str) -> str:
-    return parse_database_url(url).render_as_string(hide_password=True)
 
 
 def run(config_path: str | None) -> int:

@@ -151,6 +151,9 @@ class MilterState:
         self.runtime = runtime
         self.writer = writer
         self.stopping = False
+        # Set once stopping: transactions begun after it are not waited for,
+        # and the history is closed before they end.
+        self.last_admitted: int | None = None
         self._next = 0
         self._active: set[int] = set()
         self._cond = threading.Condition()
@@ -174,6 +177,13 @@ class MilterState:
     @property
     def last_ticket(self) -> int:
         return self._next
+
+    def admit_no_more(self) -> int:
+        """Stopping: the last transaction that will be waited for and
+        recorded; a later one is answered with a tempfail."""
+        with self._cond:
+            self.last_admitted = self._next
+            return self._next
 
     def wait_for(self, ticket: int, timeout: float) -> bool:
         """Wait until every transaction up to ``ticket`` has ended (later
@@ -309,6 +319,13 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         if txn is None:
             return CONTINUE
         started = time.perf_counter()
+        last = self.state.last_admitted
+        if last is not None and txn.ticket > last:
+            # Begun after the daemon started to stop: its history row
+            # could no longer be kept, so the MTA retries it after the
+            # restart rather than deliver it unrecorded.
+            self._log_line(txn, started, action="tempfail", stopping=True)
+            return self._refuse("tempfail")
         stripped = False
         removed = 0
         try:

@@ -7,7 +7,7 @@ messages.  Run as a program, this module is one milter's history writer:
     python -m tests.history_worker write URL STATE_DIR --count N --prefix P
         enqueue N rows (queue ids P-0 ... P-(N-1)), flush, exit 0
     python -m tests.history_worker replay URL STATE_DIR
-        start (which replays the spool), wait until it is drained, exit 0
+        start (which replays the journal), wait until it is drained, exit 0
 
 Both exit 3 if the writer does not get idle in time.
 """

@@ -346,7 +346,7 @@ def test_message_row_aligned_pass_round_trips(
     msg = dkim_sign(msg, "thirdparty.example", "esp", "ed25519")
     ev, decision = run(resolver, zone, msg)
     row = message_row(ev, decision, key="0" * 32)
-    # The row is plain data: what the writer spools is what it inserts.
+    # The row is plain data: what the writer journals is what it inserts.
     assert json.loads(json.dumps(row)) == row
     assert row["idempotency_key"] == "0" * 32
     assert row["arrived_at"] == "2026-05-01T12:00:00+00:00"

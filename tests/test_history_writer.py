@@ -1,4 +1,4 @@
-"""The history writer and its spool, against real databases.
+"""The history writer and its journal, against real databases.
 
 The outage tests stop the suite's real PostgreSQL and MariaDB servers in the
 middle of a stream of rows, kill a writer process in the middle of a replay,
@@ -29,9 +29,9 @@ from dmarcmilter.errors import SchemaError
 from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.history import db
 from dmarcmilter.history.bulk import insert_rows
+from dmarcmilter.history.journal import REJECTED_FILE, Journal, JournalError, encode
 from dmarcmilter.history.models import DKIMResultRow, MessageRow, OverrideReasonRow
 from dmarcmilter.history.rows import message_row
-from dmarcmilter.history.spool import REJECTED_FILE, SPOOL_FILE, Spool, SpoolError
 from dmarcmilter.history.writer import HistoryWriter
 from dmarcmilter.message import Message
 from dmarcmilter.policy import Decision, decide
@@ -125,11 +125,23 @@ def with_queue_id(pair: tuple[Evaluation, Decision], queue_id: str) -> tuple[Eva
     ), decision
 
 
-def spool_lines(state_dir: Path) -> list[dict[str, Any]]:
-    path = state_dir / SPOOL_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def journal_lines(state_dir: Path) -> list[dict[str, Any]]:
+    """Every row in the journal's segments, oldest first."""
+    return [
+        json.loads(line)
+        for path in sorted(state_dir.glob("history-journal.*.jsonl"))
+        # A segment being written is zero-filled past its last row.
+        for line in path.read_bytes().partition(b"\0")[0].decode().splitlines()
+    ]
+
+
+def write_segment(state_dir: Path, rows: list[dict[str, Any]], generation: int = 1) -> Path:
+    """A journal segment as an earlier run left it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"history-journal.{generation:012d}.jsonl"
+    with open(path, "ab") as fh:
+        fh.write(encode(rows))
+    return path
 
 
 # -- the normal path ---------------------------------------------------------------
@@ -141,7 +153,7 @@ def test_evaluations_are_stored_in_batches(
     evaluated: list[tuple[Evaluation, Decision]],
     writers: list[HistoryWriter],
 ) -> None:
-    writer = HistoryWriter(migrated, tmp_path / "spool", batch_size=100, flush_interval=0.05)
+    writer = HistoryWriter(migrated, tmp_path / "state", batch_size=100, flush_interval=0.05)
     writers.append(writer)
     writer.start()
     for i in range(1000):
@@ -151,14 +163,15 @@ def test_evaluations_are_stored_in_batches(
     # 500 signed messages with one signature each; 500 failures with one reason.
     assert children(migrated) == (500, 500)
     stats = writer.stats()
-    assert (stats.rows_written, stats.rows_spooled, stats.write_errors) == (1000, 0, 0)
-    assert stats.queue_depth == 0 and stats.database_up
-    assert spool_lines(tmp_path / "spool") == []
+    assert (stats.rows_written, stats.rows_unjournaled, stats.write_errors) == (1000, 0, 0)
+    assert stats.queue_depth == 0 and stats.database_up and not stats.catching_up
+    # Every row was journaled before it was stored.
+    assert len(journal_lines(tmp_path / "state")) == 1000
 
 
 def test_close_flushes_the_queue(migrated: str, tmp_path: Path) -> None:
     # A flush interval far longer than the test: only close() can write them.
-    writer = HistoryWriter(migrated, tmp_path / "spool", flush_interval=3600)
+    writer = HistoryWriter(migrated, tmp_path / "state", flush_interval=3600)
     writer.start()
     for i in range(10):
         writer.enqueue_row(make_row(f"Q{i}"))
@@ -166,14 +179,14 @@ def test_close_flushes_the_queue(migrated: str, tmp_path: Path) -> None:
     assert count(migrated) == (10, 10, 10)
 
 
-def test_stored_row_equals_the_spooled_shape(
+def test_stored_row_equals_the_journaled_shape(
     migrated: str,
     tmp_path: Path,
     evaluated: list[tuple[Evaluation, Decision]],
     writers: list[HistoryWriter],
 ) -> None:
     row = message_row(*evaluated[1], key="f" * 32)
-    writer = HistoryWriter(migrated, tmp_path / "spool")
+    writer = HistoryWriter(migrated, tmp_path / "state")
     writers.append(writer)
     writer.start()
     writer.enqueue_row(row)
@@ -198,13 +211,13 @@ def test_a_batch_of_long_rows_is_stored(migrated: str, tmp_path: Path) -> None:
     # default max_allowed_packet, which must not make it look like an outage.
     rows = [make_row(f"Q{i}", helo="h" * 100_000) for i in range(200)]
     writer = HistoryWriter(migrated, tmp_path)
+    writer.start()
     for row in rows:
         writer.enqueue_row(row)
-    writer.start()
     assert writer.wait_idle(60)
     writer.close()
     stats = writer.stats()
-    assert (stats.rows_written, stats.rows_spooled, stats.write_errors) == (200, 0, 0)
+    assert (stats.rows_written, stats.rows_unjournaled, stats.write_errors) == (200, 0, 0)
     assert count(migrated) == (200, 200, 200)
 
 
@@ -224,18 +237,18 @@ def test_an_ipv6_zone_is_not_stored(
 def test_a_database_behind_the_schema_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'empty.sqlite3'}"
     db.make_engine(url).dispose()
-    writer = HistoryWriter(url, tmp_path / "spool")
+    writer = HistoryWriter(url, tmp_path / "state")
     with pytest.raises(SchemaError, match="run `dmarcmilter db upgrade`"):
         writer.start()
-    # The spool lock was released: another writer may start.
-    Spool(tmp_path / "spool").close()
+    # The journal lock was released: another writer may start.
+    Journal(tmp_path / "state").close()
 
 
 def test_one_state_directory_one_writer(tmp_path: Path) -> None:
-    first = Spool(tmp_path)
+    first = Journal(tmp_path)
     try:
-        with pytest.raises(SpoolError, match="locked by another dmarcmilter process"):
-            Spool(tmp_path)
+        with pytest.raises(JournalError, match="locked by another dmarcmilter process"):
+            Journal(tmp_path)
     finally:
         first.close()
 
@@ -243,7 +256,7 @@ def test_one_state_directory_one_writer(tmp_path: Path) -> None:
 # -- the database is down ------------------------------------------------------------
 
 
-def test_unreachable_database_spools_and_never_blocks(tmp_path: Path) -> None:
+def test_unreachable_database_journals_and_never_blocks(tmp_path: Path) -> None:
     writer = HistoryWriter(DEAD_PG, tmp_path, flush_interval=0.05, retry_initial=60)
     writer.start()  # an unreachable database is not a reason to refuse mail
     try:
@@ -252,23 +265,26 @@ def test_unreachable_database_spools_and_never_blocks(tmp_path: Path) -> None:
             writer.enqueue_row(make_row(f"Q{i}"))
         # Generous: what matters is that no call waited for the database.
         assert time.perf_counter() - started < 0.5
-        assert not writer.wait_idle(1.0)  # the spool cannot drain
+        assert not writer.wait_idle(1.0)  # the journal cannot drain
         stats = writer.stats()
-        assert stats.rows_spooled == 200 and not stats.database_up
-        assert stats.rows_written == 0
+        assert stats.catching_up and not stats.database_up
+        assert stats.queue_depth == 0  # the rows wait on disk, not in memory
+        assert (stats.rows_written, stats.rows_unjournaled, stats.rows_lost) == (0, 0, 0)
     finally:
         writer.close(timeout=10)
-    assert [r["queue_id"] for r in spool_lines(tmp_path)] == [f"Q{i}" for i in range(200)]
+    assert [r["queue_id"] for r in journal_lines(tmp_path)] == [f"Q{i}" for i in range(200)]
 
 
-def test_full_queue_goes_to_the_spool_not_away(migrated: str, tmp_path: Path) -> None:
-    writer = HistoryWriter(migrated, tmp_path, queue_size=10)
-    # Not started: nothing drains the queue, so it fills up.
+def test_a_full_queue_is_read_back_from_the_journal(migrated: str, tmp_path: Path) -> None:
+    # Batches larger than the queue and a flush interval longer than the
+    # test: nothing drains the queue until wait_idle, so it fills up.
+    writer = HistoryWriter(migrated, tmp_path, queue_size=10, batch_size=100, flush_interval=3600)
+    writer.start()
     for i in range(25):
         writer.enqueue_row(make_row(f"Q{i}"))
     stats = writer.stats()
-    assert (stats.queue_depth, stats.rows_spooled) == (10, 15)
-    writer.start()
+    assert stats.catching_up and stats.queue_depth == 0
+    assert (stats.rows_unjournaled, stats.rows_lost) == (0, 0)
     assert writer.wait_idle(10)
     writer.close()
     assert count(migrated) == (25, 25, 25)
@@ -313,28 +329,28 @@ def outage_during_10000_rows(
         assert outage.wait(30)
         server.stop()
         time.sleep(1.0)  # rows keep arriving while the database is down
-        spooled_during_outage = writer.stats().rows_spooled
+        journaled_during_outage = writer.stats().catching_up
         server.start()
         producer.join(60)
         assert writer.wait_idle(60), writer.stats()
     finally:
         producer.join(60)
         writer.close()
-    assert spooled_during_outage > 0  # the outage really was hit
+    assert journaled_during_outage  # the outage really was hit
     stats = writer.stats()
     assert stats.write_errors > 0 and stats.rows_replayed > 0
     assert stats.rows_rejected == 0
     assert count(url) == (total, total, total)
-    assert spool_lines(tmp_path) == []
+    assert (stats.rows_unjournaled, stats.rows_lost) == (0, 0)
+    # Replayed segments are deleted; the one being written stays.
+    assert len(list(tmp_path.glob("history-journal.*.jsonl"))) <= 1
 
 
 def test_replay_skips_rows_already_stored(migrated: str, tmp_path: Path) -> None:
-    """As after a crash between a replayed batch's commit and the spool
-    offset being recorded: half the spool is in the database already."""
+    """As after a crash in the middle of a replay: half the journal left by
+    the earlier run is in the database already."""
     rows = [make_row(f"Q{i}") for i in range(100)]
-    spool = Spool(tmp_path)
-    spool.append(rows)
-    spool.close()
+    write_segment(tmp_path, rows)
     engine = db.make_engine(migrated)
     try:
         with engine.begin() as conn:
@@ -351,28 +367,23 @@ def test_replay_skips_rows_already_stored(migrated: str, tmp_path: Path) -> None
 
 
 def test_torn_last_line_is_dropped(migrated: str, tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    spool.append([make_row("Q0"), make_row("Q1")])
-    spool.close()
-    with open(tmp_path / SPOOL_FILE, "a") as fh:
+    segment = write_segment(tmp_path, [make_row("Q0"), make_row("Q1")])
+    with open(segment, "a") as fh:
         fh.write('{"idempotency_key": "abc", "queue')  # a write cut short
     writer = HistoryWriter(migrated, tmp_path)
     writer.start()
     assert writer.wait_idle(10)
     writer.close()
     assert count(migrated) == (2, 2, 2)
-    assert (tmp_path / SPOOL_FILE).read_bytes() == b""
+    assert not segment.exists()  # replayed, then deleted
+    assert not (tmp_path / REJECTED_FILE).exists()
 
 
-def test_unreadable_spool_line_is_set_aside(migrated: str, tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
-    spool.append([make_row("Q0")])
-    spool.close()
-    with open(tmp_path / SPOOL_FILE, "a") as fh:
+def test_unreadable_journal_line_is_set_aside(migrated: str, tmp_path: Path) -> None:
+    segment = write_segment(tmp_path, [make_row("Q0")])
+    with open(segment, "a") as fh:
         fh.write("not json\n")
-    spool = Spool(tmp_path)
-    spool.append([make_row("Q1")])
-    spool.close()
+    write_segment(tmp_path, [make_row("Q1")])
     writer = HistoryWriter(migrated, tmp_path)
     writer.start()
     assert writer.wait_idle(10)
@@ -420,9 +431,7 @@ def test_kill_during_replay_then_restart_stores_each_row_once(
     url = str(request.getfixturevalue(database))
     db.upgrade(url)
     total = 30_000
-    spool = Spool(tmp_path)
-    spool.append([make_row(f"Q{i}") for i in range(total)])
-    spool.close()
+    segment = write_segment(tmp_path, [make_row(f"Q{i}") for i in range(total)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         worker("replay", url, str(tmp_path), "--batch-size", "100"),
@@ -448,7 +457,7 @@ def test_kill_during_replay_then_restart_stores_each_row_once(
     assert done.returncode == 0, done.stderr.decode()
     assert count(url) == (total, total, total)
     assert children(url) == (total, 0)
-    assert (tmp_path / SPOOL_FILE).read_bytes() == b""
+    assert not segment.exists()
 
 
 @SERVERS
@@ -511,7 +520,7 @@ def test_undecodable_client_text_is_stored_with_replacement_characters(
 
 
 def test_a_row_the_driver_cannot_encode_is_set_aside(migrated: str, tmp_path: Path) -> None:
-    # Were a lone surrogate to reach the writer anyway (a spool written by
+    # Were a lone surrogate to reach the writer anyway (a journal written by
     # hand, a bug), the driver refuses the text: that row alone is set aside.
     rows = [make_row(f"Q{i}") for i in range(5)]
     rows[2]["helo"] = "bad\udcff"

@@ -101,7 +101,7 @@ def insert_rows(
                     reasons_statement.values({**r, "message_id": message_id, "position": i})
                 )
     except (KeyError, TypeError, ValueError) as exc:
-        # A damaged child in a spooled row: the whole batch must not commit
+        # A damaged child in a journaled row: the whole batch must not commit
         # half a message, so let the writer retry row by row.
         raise MalformedRow(f"malformed child row: {exc!r}") from None
     if dkim:
@@ -145,7 +145,7 @@ class _Statement:
         for i, name in enumerate(self.names):
             proc: Callable[[Any], Any] | None = table.c[name].type.bind_processor(dialect)
             if name == "arrived_at":
-                # Spooled rows carry ISO text; the column wants UTC.
+                # Journaled rows carry ISO text; the column wants UTC.
                 proc = _then(utc_timestamp, proc)
             if proc is not None:
                 self.processors.append((i, proc))

@@ -147,7 +147,9 @@ def upgrade(url: str) -> None:
             f"revision {head}) does not know: is a newer version using this database?"
         ) from None
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot upgrade the database: {short_error(exc)}") from None
+        raise DatabaseError(
+            f"cannot upgrade the database {shown(url)}: {short_error(exc)}"
+        ) from None
     finally:
         engine.dispose()
 
@@ -162,7 +164,7 @@ def schema_status(url: str) -> tuple[str | None, str]:
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the database: {short_error(exc)}") from None
+        raise DatabaseError(f"cannot read the database {shown(url)}: {short_error(exc)}") from None
     finally:
         engine.dispose()
     return current, head_revision()
@@ -230,7 +232,7 @@ def _delete_in_batches(
                 delete_rows(conn, ids)
                 total += len(ids)
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot prune the database: {short_error(exc)}") from None
+        raise DatabaseError(f"cannot prune the database {shown(url)}: {short_error(exc)}") from None
     finally:
         engine.dispose()
     return total
@@ -242,6 +244,11 @@ def _missing_sqlite_file(url: str) -> bool:
     if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
         return False
     return not database.startswith("file:") and not Path(database).exists()
+
+
+def shown(url: str) -> str:
+    """A database URL as logs and errors show it: without the password."""
+    return parse_database_url(url).render_as_string(hide_password=True)
 
 
 def short_error(exc: SQLAlchemyError) -> str:

@@ -86,8 +86,8 @@ class MessageRow(Base):
     __tablename__ = "messages"
 
     id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
-    # Made by the writer when the row is first spooled, so replaying a spool
-    # file after a crash inserts nothing twice.
+    # Made when the row is built, before it is journaled, so replaying the
+    # journal after a crash inserts nothing twice.
     idempotency_key: Mapped[str] = mapped_column(String(32), unique=True)
     arrived_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
     queue_id: Mapped[str] = mapped_column(TEXT_TYPE)

@@ -1,7 +1,7 @@
 """Conversion at the edge: an evaluation and its decision → one history row.
 
 :func:`message_row` returns a plain, JSON-serialisable dict: the exact shape
-the writer spools as one JSON line and later inserts, so a spooled line and a
+the writer journals as one JSON line and inserts, so a journal line and a
 stored row can never disagree.  :func:`message_from_row` turns such a dict
 back into ORM objects for insertion.  No other module converts.
 """
@@ -159,8 +159,7 @@ _NO_RECORD: dict[str, Any] = dict.fromkeys(
 # text, and 10,000 keys of 60 KB would be 600 MB an attacker chose.
 _record_cache: dict[str, dict[str, Any]] = {}
 _RECORD_CACHE_SIZE = 10_000
-# A record longer than this is not cached, and the writer turns its
-# evaluation into a row before queueing it (honest records are < 300).
+# A record longer than this is not cached (honest records are < 300).
 LARGE_RECORD_CHARS = 1024
 
 
@@ -235,7 +234,7 @@ def message_columns(row: dict[str, Any]) -> dict[str, Any]:
     """The ``messages`` columns of a row dict, ready for an INSERT.
 
     Raises KeyError, TypeError or ValueError for a dict that is not a row
-    (a damaged spool line), so the writer can set it aside.
+    (a damaged journal line), so the writer can set it aside.
     """
     columns = {k: row[k] for k in MESSAGE_COLUMNS}
     columns["arrived_at"] = utc_timestamp(columns["arrived_at"])

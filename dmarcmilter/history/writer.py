@@ -1,23 +1,23 @@
-"""The history writer: the milter hands over each evaluated message with one
-call that returns at once; a background thread stores them in batches.
+"""The history writer: the milter hands over each evaluated message before
+it answers it; a background thread stores the rows in batches.
 
 Guarantees, in order of importance:
 
-1. **Nothing is dropped.**  A row goes to the database or to the fsync'd
-   spool (:mod:`dmarcmilter.history.spool`).  When the database is down or
-   refuses a batch, the batch is spooled; when the in-memory queue is full,
-   the caller spools the row itself.  On shutdown the queue is flushed.
-2. **Exactly once.**  Every row gets an idempotency key when it is built;
-   the spool is replayed in order and keys already stored are skipped, so a
-   crash in the middle of a replay duplicates nothing.
-3. **The mail path never waits.**  :meth:`HistoryWriter.enqueue` appends to
-   a bounded deque, which takes well under a microsecond; building the row,
-   the SQL and the fsync all happen on the writer thread.
-
-The one window for loss is a hard kill (SIGKILL, power loss) while rows are
-still in the in-memory queue: at most ``queue_size`` rows, usually the last
-``flush_interval`` seconds.  Paying an fsync per message to close it would
-cost more than the milter's whole evaluation.
+1. **No row that got a reply is lost to a process kill.**  :meth:`enqueue`
+   builds the row and appends it to the journal
+   (:mod:`dmarcmilter.history.journal`) with one ``write()`` before the milter
+   replies; the database gets it from the in-memory queue.  When the
+   database is down or the queue is full, the writer drops its in-memory
+   copies and replays the journal instead, fsyncing it as it goes.
+2. **Exactly once.**  Every row gets an idempotency key when it is built,
+   and every replay skips keys already stored, so a crash in the middle of a
+   replay, or a lost commit acknowledgement, duplicates nothing.
+3. **The mail path never waits for the database.**  Only the row, its JSON
+   line and one ``write()`` to the page cache happen there.
+4. **A loss is counted exactly.**  A row is lost only when it can be neither
+   appended to the journal (a full or read-only file system) nor stored in
+   the database before it must leave memory; each is counted once and
+   logged.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -40,8 +39,8 @@ from ..evaluation import Evaluation
 from ..policy import Decision
 from . import db
 from .bulk import insert_rows
-from .rows import LARGE_RECORD_CHARS, message_row
-from .spool import Spool, SpoolError
+from .journal import SEGMENT_BYTES, Journal, JournalError, Position, encode_line
+from .rows import message_row
 
 log = logging.getLogger("dmarcmilter.history")
 
@@ -50,8 +49,29 @@ BATCH_SIZE = 1000
 FLUSH_INTERVAL = 0.25  # seconds a row may wait for its batch to fill
 RETRY_INITIAL = 0.5  # seconds before the first reconnection attempt
 RETRY_MAX = 30.0
+# How often a journal that cannot be written is tried again (making a
+# segment that fails is cheap), and how often rows kept only in memory or
+# lost are reported while that lasts.
+JOURNAL_RETRY = 1.0
+TROUBLE_LOG_INTERVAL = 30.0
 
-QueueItem = tuple[Evaluation, Decision] | dict[str, Any]
+
+class Queued(NamedTuple):
+    row: dict[str, Any]
+    # Where the row's line is in the journal: a segment and the offsets of
+    # the line's start and end; generation -1 when it could not be appended
+    # (the row then exists only here).
+    generation: int
+    offset: int
+    end_offset: int
+
+    @property
+    def start(self) -> Position | None:
+        return Position(self.generation, self.offset) if self.generation >= 0 else None
+
+    @property
+    def end(self) -> Position | None:
+        return Position(self.generation, self.end_offset) if self.generation >= 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +80,24 @@ class WriterStats:
 
     queue_depth: int
     rows_written: int  # inserted into the database, directly or by replay
-    rows_spooled: int  # appended to the spool
-    rows_replayed: int  # inserted from the spool (also in rows_written)
+    rows_replayed: int  # inserted from the journal (also in rows_written)
+    rows_unjournaled: int  # could not be appended to the journal; kept in memory
     rows_rejected: int  # refused by the database as invalid, kept aside
-    rows_lost: int  # could be neither stored nor spooled (disk and database down)
+    rows_lost: int  # could be neither journaled nor stored in the database
     write_errors: int  # failed database transactions
-    spool_pending_bytes: int
+    journal_bytes: int
+    journal_writable: bool
     database_up: bool
+    catching_up: bool  # rows wait in the journal for the database
 
 
 class HistoryWriter:
-    """One writer per process; see the module docstring."""
+    """One writer per process; see the module docstring.
+
+    ``unwritable_journal`` is what :meth:`start` does when the state
+    directory cannot take the journal: "continue" (rows go straight to the
+    database, and are lost if it fails too) or "refuse" (JournalError).
+    """
 
     def __init__(
         self,
@@ -82,6 +109,8 @@ class HistoryWriter:
         flush_interval: float = FLUSH_INTERVAL,
         retry_initial: float = RETRY_INITIAL,
         retry_max: float = RETRY_MAX,
+        segment_bytes: int = SEGMENT_BYTES,
+        unwritable_journal: str = "continue",
     ) -> None:
         self.url = url
         self.queue_size = queue_size
@@ -89,36 +118,61 @@ class HistoryWriter:
         self.flush_interval = flush_interval
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        self._queue: collections.deque[QueueItem] = collections.deque()
+        self.unwritable_journal = unwritable_journal
+        # Orders journal appends and the queue, so that the queue holds the
+        # journal's rows in the journal's order.
+        self._lock = threading.Lock()
+        self._queue: collections.deque[Queued] = collections.deque()
+        # False while rows wait in the journal from _catchup_from on; the
+        # queue then holds only rows the journal could not take.
+        self._live = True
+        self._catchup_from: Position | None = None
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._stopping = False
+        # Set by close(): the journal is closed, no row can be kept any more.
+        self._closed = False
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._spool = Spool(state_dir)
+        self._journal = Journal(state_dir, segment_bytes=segment_bytes)
+        self._journal_retry_at = 0.0
+        self._reported = (0, 0)  # (unjournaled, lost) at the last report
+        self._report_at = 0.0
         self._engine: Engine | None = None
         self._down = False
         self._retry_at = 0.0
         self._retry_delay = retry_initial
         self._counts = dict.fromkeys(
-            ("written", "spooled", "replayed", "rejected", "errors", "lost"), 0
+            ("written", "replayed", "unjournaled", "rejected", "errors", "lost"), 0
         )
         self._counts_lock = threading.Lock()
 
     @property
-    def spool_path(self) -> Path:
-        return self._spool.path
+    def journal_directory(self) -> Path:
+        return self._journal.directory
 
     # -- life cycle ----------------------------------------------------------------
 
     def start(self, *, check_schema: bool = True) -> None:
-        """Open the database and start the thread.
+        """Open the journal and the database and start the thread.
 
-        An unreachable database is not an error: rows are spooled until it is
-        back.  A reachable database at the wrong schema is (SchemaError), so a
-        daemon refuses to start rather than spool forever.
+        An unreachable database is not an error: rows wait in the journal
+        until it is back.  A reachable database at the wrong schema is
+        (SchemaError), so a daemon refuses to start rather than journal
+        forever.
         """
         try:
+            try:
+                self._journal.open_segment()
+            except JournalError as exc:
+                if self.unwritable_journal == "refuse":
+                    raise
+                log.error(
+                    "%s; history rows go straight to the database and are lost if it "
+                    'fails too (paths.unwritable_state_dir = "continue")',
+                    exc,
+                )
+                self._journal_retry_at = time.monotonic() + JOURNAL_RETRY
             self._engine = db.make_engine(self.url)
             if check_schema:
                 try:
@@ -126,29 +180,27 @@ class HistoryWriter:
                 except SchemaError:
                     raise
                 except DatabaseError as exc:
-                    log.warning(
-                        "history database unreachable at start (%s); spooling to %s",
-                        exc,
-                        self._spool.path,
-                    )
-                    self._mark_down()
+                    self._mark_down(exc)
         except DatabaseError:
             if self._engine is not None:
                 self._engine.dispose()
-            self._spool.close()
+            self._journal.close()
             raise
-        if self._spool.pending:
+        backlog = self._journal.backlog
+        if backlog is not None:
             log.info(
-                "history spool %s holds %d bytes from an earlier run; replaying",
-                self._spool.path,
-                self._spool.pending_bytes,
+                "history journal in %s holds %d bytes from an earlier run; replaying",
+                self._journal.directory,
+                self._journal.size_bytes(),
             )
+            self._live = False
+            self._catchup_from = backlog
         self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Flush the queue (to the database, or the spool) and stop; False
-        when the thread did not finish in time (its rows are then spooled)."""
+        """Store the queue (or leave it in the journal) and stop; False when
+        the thread did not finish in time."""
         self._stopping = True
         self._wake.set()
         finished = True
@@ -156,23 +208,29 @@ class HistoryWriter:
             self._thread.join(timeout)
             finished = not self._thread.is_alive()
             if not finished:
-                log.error("history writer did not finish within %s s; spooling the queue", timeout)
-        # Rows the thread did not get to (it is stuck on the database, or
-        # died): spool them here.  The spool's lock keeps appends whole.
-        while self._queue:
-            self._spool_items(self._drain(self.batch_size))
+                log.error("history writer did not finish within %s s", timeout)
+        with self._lock:
+            left = list(self._queue)
+            self._queue.clear()
+            self._closed = True
+        lost = sum(1 for item in left if item.start is None)
+        if lost:
+            # Neither in the journal nor in the database: nothing keeps them.
+            self._count("lost", lost)
+        self._report_at = 0.0
+        self._report_trouble()
         if finished:
-            self._spool.close()
+            self._journal.close()
             if self._engine is not None:
                 self._engine.dispose()
         return finished
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until the queue is empty and the spool replayed (for tests,
-        benchmarks and maintenance); False on timeout."""
+        """Wait until every row is in the database (for tests, benchmarks and
+        maintenance); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._queue or self._spool.pending or self._busy:
+            while self._queue or not self._live or self._busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -183,35 +241,79 @@ class HistoryWriter:
     # -- the mail path ---------------------------------------------------------------
 
     def enqueue(self, evaluation: Evaluation, decision: Decision) -> None:
-        """Hand over one evaluated message.  Never blocks on the database,
-        never raises."""
-        record = evaluation.dmarc.record
-        if record is not None and len(record.raw) > LARGE_RECORD_CHARS:
-            # Queued as its capped row, built now: a queue of evaluations
-            # would hold each attacker's DMARC record whole, up to 64 KB
-            # apiece and queue_size of them while the database is slow.
-            for row in self._rows([(evaluation, decision)]):
-                self._put(row)
+        """Hand over one evaluated message, before it is answered.  Never
+        blocks on the database, never raises."""
+        try:
+            row = message_row(evaluation, decision)
+        except Exception:
+            self._count("lost")
+            log.exception(
+                "history: cannot build the row of message %s; it is lost",
+                evaluation.envelope.queue_id or "(no queue id)",
+            )
             return
-        self._put((evaluation, decision))
+        self.enqueue_row(row)
 
     def enqueue_row(self, row: dict[str, Any]) -> None:
         """Hand over a row already built by :func:`rows.message_row`."""
-        self._put(row)
-
-    def _put(self, item: QueueItem) -> None:
-        queue = self._queue
-        if len(queue) < self.queue_size:
-            queue.append(item)
-            # Event.set takes a lock: skip it while a wake-up is pending.
-            if len(queue) >= self.batch_size and not self._wake.is_set():
-                self._wake.set()
+        data = encode_line(row)
+        lost = behind = False
+        with self._lock:
+            closed = self._closed
+            span = None if closed else self._journal.append(data)
+            queue = self._queue
+            if closed:
+                # A transaction that ended after the daemon closed its
+                # history (the milter answers until the process exits).
+                lost = True
+            elif span is None:
+                # Only in memory: kept until the database takes it.
+                if len(queue) < self.queue_size:
+                    queue.append(Queued(row, -1, 0, 0))
+                else:
+                    lost = True
+            elif self._live:
+                if len(queue) < self.queue_size:
+                    queue.append(Queued(row, *span))
+                else:
+                    # The writer is a whole queue behind: it reads the
+                    # journal from the oldest queued row instead.
+                    first = next(
+                        (item.start for item in queue if item.start),
+                        Position(span[0], span[1]),
+                    )
+                    self._enter_catchup(first)
+                    behind = True
+            wake = len(queue) >= self.batch_size
+        if closed:
+            self._count("lost")
+            log.error(
+                "history: row %s lost: it came after the history writer was closed",
+                row.get("idempotency_key"),
+            )
             return
-        # The writer is behind by a whole queue: spool in this thread rather
-        # than drop the row or let the queue grow without bound.  The fsync
-        # is left to the writer thread, woken here to do it.
-        self._spool_items([item], sync=False)
-        self._wake.set()
+        if span is None:
+            self._count("unjournaled")
+        if lost:
+            self._count("lost")
+        if behind:
+            log.info(
+                "history writer %d rows behind the milter; reading them back from the journal",
+                self.queue_size,
+            )
+        # Event.set takes a lock: skip it while a wake-up is pending.
+        if wake and not self._wake.is_set():
+            self._wake.set()
+
+    def _enter_catchup(self, start: Position) -> None:
+        """Called with the lock held: from ``start`` on, rows are read from
+        the journal; the queue keeps only rows the journal does not have."""
+        if self._catchup_from is None or start < self._catchup_from:
+            self._catchup_from = start
+        self._live = False
+        kept = [item for item in self._queue if item.start is None]
+        self._queue.clear()
+        self._queue.extend(kept)
 
     # -- counters ----------------------------------------------------------------------
 
@@ -221,13 +323,15 @@ class HistoryWriter:
         return WriterStats(
             queue_depth=len(self._queue),
             rows_written=c["written"],
-            rows_spooled=c["spooled"],
             rows_replayed=c["replayed"],
+            rows_unjournaled=c["unjournaled"],
             rows_rejected=c["rejected"],
             rows_lost=c["lost"],
             write_errors=c["errors"],
-            spool_pending_bytes=self._spool.pending_bytes,
+            journal_bytes=self._journal.size_bytes(),
+            journal_writable=self._journal.writable,
             database_up=not self._down,
+            catching_up=not self._live,
         )
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -258,62 +362,169 @@ class HistoryWriter:
                 return
 
     def _cycle(self, stopping: bool) -> None:
-        self._spool.sync()  # rows callers spooled on overflow
-        if (
-            (self._spool.pending or self._down)
-            and not stopping  # a long replay must not delay shutdown
-            and time.monotonic() >= self._retry_at
-        ):
-            self._replay()
+        self._report_trouble()
+        now = time.monotonic()
+        if not self._journal.writable and now >= self._journal_retry_at:
+            self._reopen_journal()
+        self._journal.prepare()
+        if not self._live:
+            # Rows wait in the journal for the database: make them survive
+            # a power loss too.
+            self._journal.sync()
+            if not stopping and now >= self._retry_at:  # a long replay must not delay shutdown
+                self._catch_up()
         # Bounded, so that under a steady stream the loop still comes back
-        # to the reconnection check above.
+        # to the checks above.
         for _ in range(self.queue_size // self.batch_size + 1):
-            if not self._queue:
-                break
-            items = self._drain(self.batch_size)
-            if self._down or self._spool.pending:
-                # Keep the order: new rows go behind the spooled ones.
-                self._spool_items(items)
-                continue
-            rows = self._rows(items)
-            if not self._write(rows, fresh=True):
-                self._spool_rows(rows)
+            if self._down and time.monotonic() < self._retry_at:
+                self._leave_to_journal()
+                return
+            with self._lock:
+                items = self._drain(self.batch_size)
+            if not items:
+                return
+            try:
+                stored = self._write([item.row for item in items], fresh=True)
+            except BaseException:
+                # A bug must not take the batch with it: the journaled rows
+                # are read back from the journal, the others requeued.
+                self._put_back(items)
+                raise
+            if not stored:
+                self._put_back(items)
+                return
+            ends = [item.end for item in items if item.end is not None]
+            if ends and self._live:
+                self._journal.release(ends[-1])
 
-    def _drain(self, n: int) -> list[QueueItem]:
+    def _drain(self, n: int) -> list[Queued]:
         queue = self._queue
-        out: list[QueueItem] = []
+        out: list[Queued] = []
         while queue and len(out) < n:
             out.append(queue.popleft())
         return out
 
-    def _rows(self, items: Iterable[QueueItem]) -> list[dict[str, Any]]:
-        rows = []
-        for item in items:
-            if isinstance(item, dict):
-                rows.append(item)
-                continue
-            try:
-                rows.append(message_row(*item))
-            except Exception:
-                self._count("lost")
-                log.exception(
-                    "history: cannot build the row of message %s; it is lost",
-                    item[0].envelope.queue_id or "(no queue id)",
-                )
-        return rows
+    def _leave_to_journal(self) -> None:
+        """The database is down: journaled rows wait in the journal, not in
+        memory."""
+        with self._lock:
+            first = next((item.start for item in self._queue if item.start), None)
+            if first is not None:
+                self._enter_catchup(first)
 
-    def _spool_items(self, items: list[QueueItem], *, sync: bool = True) -> None:
-        self._spool_rows(self._rows(items), sync=sync)
-
-    def _spool_rows(self, rows: list[dict[str, Any]], *, sync: bool = True) -> None:
-        try:
-            self._spool.append(rows, sync=sync)
-        except SpoolError as exc:
-            # Database and disk both failing: nothing is left to keep them.
-            self._count("lost", len(rows))
-            log.error("history: %d rows lost: %s", len(rows), exc)
+    def _report_trouble(self) -> None:
+        """Log rows kept only in memory and rows lost since the last report,
+        at most every TROUBLE_LOG_INTERVAL seconds (a full disk must not flood the
+        log with a line per message); the counters are exact."""
+        now = time.monotonic()
+        if now < self._report_at:
             return
-        self._count("spooled", len(rows))
+        with self._counts_lock:
+            unjournaled, lost = self._counts["unjournaled"], self._counts["lost"]
+        new_unjournaled = unjournaled - self._reported[0]
+        new_lost = lost - self._reported[1]
+        if not new_unjournaled and not new_lost:
+            return
+        self._reported = (unjournaled, lost)
+        self._report_at = now + TROUBLE_LOG_INTERVAL
+        if new_unjournaled:
+            log.error(
+                "history: %d rows could not be journaled (%s); they wait in memory "
+                "for the database (%d in all since start)",
+                new_unjournaled,
+                self._journal.last_error or "the journal is not writable",
+                unjournaled,
+            )
+        if new_lost:
+            log.error(
+                "history: %d rows lost: neither journaled nor stored (%d in all since start)",
+                new_lost,
+                lost,
+            )
+
+    def _put_back(self, items: list[Queued]) -> None:
+        """A batch the database did not take: its journaled rows are read
+        from the journal later; rows only in memory go back to the front of
+        the queue (as far as there is room; the rest are lost, counted)."""
+        with self._lock:
+            first = next((item.start for item in items if item.start), None)
+            if first is not None:
+                self._enter_catchup(first)
+            memory = [item for item in items if item.start is None]
+            room = max(0, self.queue_size - len(self._queue))
+            self._queue.extendleft(reversed(memory[:room]))
+            lost = len(memory) - min(len(memory), room)
+        if lost:
+            self._count("lost", lost)
+
+    def _catch_up(self) -> None:
+        """Store the rows waiting in the journal, then go back to the queue.
+
+        The rows appended while the first pass ran (the tail) were not
+        queued: the switch back to the queue is made under the lock, and
+        the tail is read from the journal right after it, before any queued
+        row.  So every row is stored by exactly one of the two paths.
+        """
+        with self._lock:
+            start, end = self._catchup_from, self._journal.end()
+        if start is None:
+            return
+        backlog = self._replay(start, end)
+        if backlog is None:
+            return
+        with self._lock:
+            start, end = self._catchup_from, self._journal.end()
+            self._live = True
+            self._catchup_from = None
+        tail = self._replay(start, end) if start is not None else 0
+        if tail is None:
+            return
+        if backlog + tail:
+            log.info("history journal replayed: %d rows stored", backlog + tail)
+        if self._down:
+            self._probe()
+
+    def _replay(self, start: Position, end: Position) -> int | None:
+        """Store the journal's rows from ``start`` to ``end``; the number of
+        rows stored, or None when the database failed (the writer is then
+        catching up again from the first row not stored)."""
+        stored = 0
+        for rows, after in self._journal.read(start, end, self.batch_size):
+            if rows:
+                before = self._counts["written"]
+                try:
+                    written = self._write(rows, fresh=False)
+                except BaseException:
+                    with self._lock:
+                        self._enter_catchup(start)
+                    raise
+                if not written:
+                    with self._lock:
+                        self._enter_catchup(start)
+                    return None
+                n = self._counts["written"] - before
+                stored += n
+                self._count("replayed", n)
+            start = after
+            with self._lock:
+                if self._catchup_from is not None and not self._live:
+                    self._catchup_from = max(self._catchup_from, after)
+            self._journal.release(after)
+            if self._stopping:
+                with self._lock:
+                    self._enter_catchup(after)
+                return None
+        return stored
+
+    def _reopen_journal(self) -> None:
+        with self._lock:
+            try:
+                self._journal.open_segment()
+            except JournalError as exc:
+                self._journal_retry_at = time.monotonic() + JOURNAL_RETRY
+                self._journal.last_error = str(exc)
+                return
+        log.info("history journal writable again in %s", self._journal.directory)
 
     def _write(self, rows: list[dict[str, Any]], *, fresh: bool) -> bool:
         """Insert one batch in one transaction; True when it is stored (rows
@@ -367,37 +578,16 @@ class HistoryWriter:
             log.error(
                 "history row %s refused by the database, kept in %s: %s",
                 row.get("idempotency_key"),
-                self._spool.rejected_path,
+                self._journal.rejected_path,
                 error,
             )
             try:
-                self._spool.reject(row, error)
-            except SpoolError as exc:
+                self._journal.reject(row, error)
+            except JournalError as exc:
                 log.error("history: %s", exc)
                 self._count("lost")
                 continue
             self._count("rejected")
-
-    def _replay(self) -> None:
-        """Insert the spool's rows in order, one batch per transaction.  New
-        rows arriving meanwhile are appended behind them."""
-        replayed = 0
-        for rows, end in self._spool.batches(self.batch_size):
-            before = self._counts["written"]
-            if not self._write(rows, fresh=False):
-                if replayed:
-                    log.info("history replay paused after %d rows", replayed)
-                return
-            self._spool.commit(end)
-            n = self._counts["written"] - before
-            replayed += n
-            self._count("replayed", n)
-            if len(self._queue) >= self.batch_size:
-                self._spool_items(self._drain(len(self._queue)))
-        if self._spool.reset_if_drained() and replayed:
-            log.info("history spool replayed: %d rows stored", replayed)
-        if self._down and not self._spool.pending:
-            self._probe()
 
     def _probe(self) -> None:
         assert self._engine is not None
@@ -412,7 +602,11 @@ class HistoryWriter:
     def _mark_down(self, exc: BaseException | None = None) -> None:
         if not self._down:
             detail = db.short_error(exc) if isinstance(exc, SQLAlchemyError) else str(exc or "")
-            log.error("history database unavailable (%s); spooling to %s", detail, self._spool.path)
+            log.error(
+                "history database unavailable (%s); rows wait in the journal in %s",
+                detail or "no detail",
+                self._journal.directory,
+            )
             self._retry_delay = self.retry_initial
         else:
             self._retry_delay = min(self._retry_delay * 2, self.retry_max)
