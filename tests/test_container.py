@@ -259,7 +259,9 @@ def test_sigterm_stops_the_container_cleanly(run_container: Callable[[], Contain
     assert elapsed < STOP_TIMEOUT - 5
     logs = container.logs()
     assert 'msg="stopping: waiting for messages in progress"' in logs
-    assert re.search(r"msg=stopped rows_written=1 rows_replayed=0 rows_unjournaled=0 rows_lost=0 ", logs), logs
+    assert re.search(
+        r"msg=stopped rows_written=1 rows_replayed=0 rows_unjournaled=0 rows_lost=0 ", logs
+    ), logs
 
 
 def test_the_image_starts_with_its_own_configuration(image: str) -> None:
