@@ -218,8 +218,7 @@ class Journal:
             else:
                 self._closed.append(current)
         if spare is not None:
-            spare.unmap(trim=False)
-            self._discard(spare)
+            self._drop(spare)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
@@ -228,23 +227,30 @@ class Journal:
 
     def open_segment(self, at_least: int = 0) -> None:
         """Start a new segment for appends; JournalError when the directory
-        cannot take one (read-only, full, gone)."""
-        segment = (
-            self._spare if self._spare is not None and at_least <= self._spare.capacity else None
-        )
-        if segment is None:
-            segment = self._make_segment(at_least)
+        cannot take one (read-only, full, gone).  Callers serialise this
+        with :meth:`append`."""
         with self._mutex:
-            if self._spare is segment:
-                self._spare = None
+            spare, self._spare = self._spare, None
+        current = self._current
+        if spare is not None and (
+            at_least > spare.capacity
+            or (current is not None and spare.generation < current.generation)
+        ):
+            # Too small for the row, or made before a newer segment was:
+            # generations must grow in the order rows are appended.
+            self._drop(spare)
+            spare = None
+        segment = spare if spare is not None else self._make_segment(at_least)
+        with self._mutex:
             if self._current is not None:
                 self._current.unmap(trim=True)
                 self._closed.append(self._current)
             self._current = segment
 
     def prepare(self) -> None:
-        """Make the next segment ahead of time (the writer thread calls this),
-        so that appends rarely create a file themselves."""
+        """Make the next segment ahead of time (the writer thread calls this,
+        without the append lock), so that appends rarely create a file
+        themselves."""
         current = self._current
         if (
             current is None
@@ -257,7 +263,16 @@ class Journal:
         except JournalError as exc:
             self.last_error = str(exc)
             return
-        self._spare = spare
+        with self._mutex:
+            current = self._current
+            if self._spare is None and (current is None or spare.generation > current.generation):
+                self._spare = spare
+                return
+        self._drop(spare)
+
+    def _drop(self, segment: _Segment) -> None:
+        segment.unmap(trim=False)
+        self._discard(segment)
 
     def append(self, data: bytes) -> tuple[int, int, int] | None:
         """Copy whole lines into the journal; return the segment's generation
