@@ -174,10 +174,6 @@ class MilterState:
     def active(self) -> int:
         return len(self._active)
 
-    @property
-    def last_ticket(self) -> int:
-        return self._next
-
     def admit_no_more(self) -> int:
         """Stopping: the last transaction that will be waited for and
         recorded; a later one is answered with a tempfail."""
