@@ -354,7 +354,7 @@ def _report_time(text: str, option: str) -> dt.datetime:
 
 
 def _report_period(args: argparse.Namespace, now: dt.datetime) -> Any:
-    from .report.generate import Period
+    from .report.period import Period
 
     if args.until and not args.since:
         raise InputError("--until needs --since")

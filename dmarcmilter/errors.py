@@ -35,6 +35,10 @@ class SchemaError(DatabaseError):
     message says what to run."""
 
 
+class ReportError(DmarcMilterError):
+    """The report run cannot go on (lost lease, unusable settings)."""
+
+
 class MissingDependencyError(DmarcMilterError):
     """An optional dependency that the configuration needs is not installed;
     the message names the extra to install.  Not a DatabaseError: a missing

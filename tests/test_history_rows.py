@@ -21,7 +21,8 @@ from dmarcmilter.history.writer import HistoryWriter
 from dmarcmilter.message import Message
 from dmarcmilter.policy import decide
 from dmarcmilter.record import parse_record
-from dmarcmilter.report.generate import Period, ReportJob, build_reports
+from dmarcmilter.report.generate import ReportJob, build_reports
+from dmarcmilter.report.period import Period
 from dmarcmilter.resolver import Resolver
 from tests.dnsserver import TestDNSServer
 from tests.signing import make_message

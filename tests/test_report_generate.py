@@ -34,13 +34,9 @@ from dmarcmilter.history.models import (
     ReportRow,
 )
 from dmarcmilter.history.rows import new_idempotency_key, record_key
-from dmarcmilter.report.generate import (
-    LEASE_NAME,
-    LEASE_TTL,
-    Period,
-    ReportJob,
-    dry_run,
-)
+from dmarcmilter.report.generate import ReportJob, dry_run
+from dmarcmilter.report.lease import LEASE_NAME, LEASE_TTL
+from dmarcmilter.report.period import Period
 from dmarcmilter.resolver import Resolver
 from tests.conftest import ROOT, shared_path
 from tests.dnsserver import TestDNSServer
@@ -822,7 +818,8 @@ def test_two_concurrent_runs_on_postgresql_send_each_report_once(
 def test_lease_is_renewed_and_lost_lease_stops_the_run(
     migrated: str, engine: Engine, zone: TestDNSServer, resolver: Resolver, sink: ReportSink
 ) -> None:
-    from dmarcmilter.report.generate import Lease, ReportError
+    from dmarcmilter.errors import ReportError
+    from dmarcmilter.report.lease import Lease
 
     clock = Clock(RUN_AT)
     lease = Lease(engine, LEASE_NAME, "me", clock)

@@ -26,24 +26,21 @@ import hashlib
 import io
 import itertools
 import logging
-import os
-import secrets
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .. import __version__
 from ..config import Config, ReportConfig
 from ..discovery import Discoverer, DiscoveryMethod, load_psl
-from ..errors import ConfigError, DatabaseError, DmarcMilterError
+from ..errors import ConfigError, DatabaseError, ReportError
 from ..history.db import short_error
-from ..history.models import LeaseRow, ReportAttemptRow, ReportDeliveryRow, ReportRow
+from ..history.models import ReportAttemptRow, ReportDeliveryRow, ReportRow
 from ..history.reader import PublishedPolicy, policy_domains, record_errors, report_records
 from ..resolver import Resolver
 from .delivery import (
@@ -55,8 +52,10 @@ from .delivery import (
     Transport,
 )
 from .destinations import Destination, VerificationStatus, parse_rua, verify_destination
+from .lease import LEASE_NAME, Lease, host_identity
 from .mail import build_report_message, report_filename
 from .model import ReportMetadata
+from .period import Period
 from .xml import ReportFormat, write_report
 
 log = logging.getLogger(__name__)
@@ -64,65 +63,20 @@ log = logging.getLogger(__name__)
 REPORTS = cast(Table, ReportRow.__table__)
 DELIVERIES = cast(Table, ReportDeliveryRow.__table__)
 ATTEMPTS = cast(Table, ReportAttemptRow.__table__)
-LEASES = cast(Table, LeaseRow.__table__)
 
 GENERATOR = f"dmarcmilter/{__version__}"
-DAY = dt.timedelta(days=1)
 # The first retry waits this long; each later one twice as long, up to
 # MAX_RETRY_DELAY.  A daily timer meets them at its next run anyway; an
 # hourly one (the shipped timer) retries within the hour.
 FIRST_RETRY_DELAY = dt.timedelta(minutes=15)
 MAX_RETRY_DELAY = dt.timedelta(hours=6)
 RATE_WINDOW = dt.timedelta(hours=1)
-LEASE_NAME = "report-run"
-LEASE_TTL = dt.timedelta(minutes=10)
 
 # Delivery states (report_deliveries.status).
 PENDING = "pending"
 SENT = "sent"
 REFUSED = "refused"
 FAILED = "failed"
-
-
-class ReportError(DmarcMilterError):
-    """The report run cannot go on (lost lease, unusable settings)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Period:
-    """A reporting period, ``[begin, end)`` in UTC.  The report's
-    date_range ends on its last second (RFC 9990's example: begin + 86399)."""
-
-    begin: dt.datetime
-    end: dt.datetime
-
-    def __post_init__(self) -> None:
-        for value in (self.begin, self.end):
-            if value.utcoffset() is None:
-                raise ValueError(f"period bounds must be aware datetimes, not {value}")
-            if value.microsecond:
-                raise ValueError(f"period bounds must be whole seconds, not {value.isoformat()}")
-        if self.end <= self.begin:
-            raise ValueError(
-                f"empty period: {self.end.isoformat()} is not after {self.begin.isoformat()}"
-            )
-
-    @property
-    def begin_ts(self) -> int:
-        return int(self.begin.timestamp())
-
-    @property
-    def end_ts(self) -> int:
-        return int(self.end.timestamp()) - 1
-
-    @classmethod
-    def day(cls, day: dt.date) -> Period:
-        begin = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-        return cls(begin, begin + DAY)
-
-    @classmethod
-    def last_complete_day(cls, now: dt.datetime) -> Period:
-        return cls.day((now.astimezone(dt.UTC) - DAY).date())
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,79 +249,6 @@ def build_reports(
 def _policy_of(record: Any) -> PublishedPolicy:
     policy: PublishedPolicy = record.policy
     return policy
-
-
-class Lease:
-    """The fleet lease (``leases`` row): at most one holder until it
-    expires; the holder renews it as it works."""
-
-    def __init__(
-        self, engine: Engine, name: str, holder: str, clock: Callable[[], dt.datetime]
-    ) -> None:
-        self.engine = engine
-        self.name = name
-        self.holder = holder
-        self.clock = clock
-        self.renewed_at: dt.datetime | None = None
-
-    def acquire(self) -> str | None:
-        """None when acquired, else who holds it."""
-        now = self.clock()
-        table = LEASES
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(table).values(
-                        name=self.name, holder=self.holder, expires_at=now + LEASE_TTL
-                    )
-                )
-        except IntegrityError:
-            # Held, or left behind by a run that died: take it over only
-            # once it has expired.  One UPDATE, so two hosts cannot both win.
-            with self.engine.begin() as conn:
-                taken = conn.execute(
-                    update(table)
-                    .where(table.c.name == self.name, table.c.expires_at < now)
-                    .values(holder=self.holder, expires_at=now + LEASE_TTL)
-                ).rowcount
-                if taken != 1:
-                    holder = conn.execute(
-                        select(table.c.holder).where(table.c.name == self.name)
-                    ).scalar()
-                    return str(holder or "another host")
-        self.renewed_at = now
-        return None
-
-    def renew(self, force: bool = False) -> None:
-        now = self.clock()
-        if not force and self.renewed_at and now - self.renewed_at < LEASE_TTL / 3:
-            return
-        table = LEASES
-        with self.engine.begin() as conn:
-            kept = conn.execute(
-                update(table)
-                .where(table.c.name == self.name, table.c.holder == self.holder)
-                .values(expires_at=now + LEASE_TTL)
-            ).rowcount
-        if kept != 1:
-            raise ReportError(
-                f"lost the {self.name} lease (stalled for over {LEASE_TTL}); "
-                "another host may be running reports"
-            )
-        self.renewed_at = now
-
-    def release(self) -> None:
-        table = LEASES
-        with self.engine.begin() as conn:
-            conn.execute(
-                delete(table).where(table.c.name == self.name, table.c.holder == self.holder)
-            )
-
-
-def host_identity() -> str:
-    """This process, for the lease and the reports table: unique even for
-    two runs on one host."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _utcnow() -> dt.datetime:
@@ -822,9 +703,6 @@ def _write_dry_run(
 __all__ = [
     "BuiltReport",
     "DeliveryResult",
-    "Lease",
-    "Period",
-    "ReportError",
     "ReportJob",
     "ReportSettings",
     "RunStats",
