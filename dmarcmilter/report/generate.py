@@ -31,52 +31,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from .. import __version__
-from ..config import Config, ReportConfig
-from ..discovery import Discoverer, DiscoveryMethod, load_psl
+from ..config import Config
 from ..errors import ConfigError, DatabaseError, ReportError
 from ..history.db import short_error
-from ..history.models import ReportAttemptRow, ReportDeliveryRow, ReportRow
+from ..history.models import ReportRow
 from ..history.reader import PublishedPolicy, policy_domains, record_errors, report_records
 from ..resolver import Resolver
-from .delivery import (
-    DeliveryOutcome,
-    DeliveryResult,
-    SendmailTransport,
-    SMTPSettings,
-    SMTPTransport,
-    Transport,
-)
-from .destinations import Destination, VerificationStatus, parse_rua, verify_destination
+from .delivery import Transport
+from .destinations import Destination, parse_rua
 from .lease import LEASE_NAME, Lease, host_identity
 from .mail import build_report_message, report_filename
 from .model import ReportMetadata
+from .outbox import DeliveryStats, Outbox, StoredReport, make_transport, queue_deliveries
 from .period import Period
 from .xml import ReportFormat, write_report
 
 log = logging.getLogger(__name__)
 
 REPORTS = cast(Table, ReportRow.__table__)
-DELIVERIES = cast(Table, ReportDeliveryRow.__table__)
-ATTEMPTS = cast(Table, ReportAttemptRow.__table__)
-
 GENERATOR = f"dmarcmilter/{__version__}"
-# The first retry waits this long; each later one twice as long, up to
-# MAX_RETRY_DELAY.  A daily timer meets them at its next run anyway; an
-# hourly one (the shipped timer) retries within the hour.
-FIRST_RETRY_DELAY = dt.timedelta(minutes=15)
-MAX_RETRY_DELAY = dt.timedelta(hours=6)
-RATE_WINDOW = dt.timedelta(hours=1)
-
-# Delivery states (report_deliveries.status).
-PENDING = "pending"
-SENT = "sent"
-REFUSED = "refused"
-FAILED = "failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,17 +136,12 @@ class BuiltReport:
 
 
 @dataclass
-class RunStats:
+class RunStats(DeliveryStats):
     """What a run did, for the summary and the tests."""
 
     domains: int = 0
     reports_generated: int = 0
     domains_already_done: int = 0
-    sent: int = 0
-    retry_later: int = 0
-    failed: int = 0
-    refused: int = 0
-    rate_limited: int = 0
     lease_holder: str | None = None  # another host running: this run did nothing
 
 
@@ -253,11 +226,6 @@ def _policy_of(record: Any) -> PublishedPolicy:
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    # SQLite and MySQL hand back the stored UTC wall-clock time, naive.
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 class ReportJob:
@@ -387,24 +355,7 @@ class ReportJob:
         )
         inserted = result.inserted_primary_key
         assert inserted is not None  # a single-row INSERT always has one
-        report_pk = inserted[0]
-        rows = [
-            {
-                "report_pk": report_pk,
-                "position": position,
-                "uri": destination.uri,
-                "address": destination.address,
-                "destination_domain": destination.host,
-                "status": PENDING,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "sent_at": None,
-                "detail": "",
-            }
-            for position, destination in enumerate(report.destinations)
-        ]
-        if rows:
-            conn.execute(insert(DELIVERIES), rows)
+        queue_deliveries(conn, inserted[0], report.destinations, now)
         for problem in report.ignored_uris:
             log.info("report %s for %s: %s", report.report_id, report.policy_domain, problem)
 
@@ -416,175 +367,34 @@ class ReportJob:
         return self._transport
 
     def deliver(self, lease: Lease | None = None) -> None:
-        deliveries = DELIVERIES
-        now = self.clock()
-        with self.engine.connect() as conn:
-            due = conn.execute(
-                select(deliveries.c.id)
-                .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= now)
-                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-            ).all()
-        sent_recently: dict[str, int] = {}
-        for (delivery_id,) in due:
-            if lease is not None:
-                lease.renew()
-            self._deliver_one(delivery_id, sent_recently)
-
-    def _sent_recently(self, destination_domain: str, cache: dict[str, int]) -> int:
-        if destination_domain not in cache:
-            deliveries = DELIVERIES
-            since = self.clock() - RATE_WINDOW
-            with self.engine.connect() as conn:
-                cache[destination_domain] = int(
-                    conn.execute(
-                        select(func.count())
-                        .select_from(deliveries)
-                        .where(
-                            deliveries.c.destination_domain == destination_domain,
-                            deliveries.c.sent_at > since,
-                        )
-                    ).scalar_one()
-                )
-        return cache[destination_domain]
-
-    def _deliver_one(self, delivery_id: int, sent_recently: dict[str, int]) -> None:
-        deliveries = DELIVERIES
-        reports = REPORTS
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    deliveries.c.uri,
-                    deliveries.c.address,
-                    deliveries.c.destination_domain,
-                    deliveries.c.attempts,
-                    reports.c.report_id,
-                    reports.c.policy_domain,
-                    reports.c.period_begin,
-                    reports.c.period_end,
-                    reports.c.filename,
-                    reports.c.content,
-                    reports.c.created_at,
-                )
-                .join_from(deliveries, reports, deliveries.c.report_pk == reports.c.id)
-                .where(deliveries.c.id == delivery_id, deliveries.c.status == PENDING)
-            ).first()
-        if row is None:
-            return  # settled meanwhile
-        if self._sent_recently(row.destination_domain, sent_recently) >= (
-            self.settings.rate_limit_per_hour
-        ):
-            # Left due: the next run sends it, once the hour has room.
-            self.stats.rate_limited += 1
-            return
-        parsed, _ = parse_rua(row.uri, 1)
-        if not parsed:
-            self._settle(delivery_id, row.attempts, FAILED, "refused", "unusable URI", None)
-            self.stats.refused += 1
-            return
-        verification = verify_destination(row.policy_domain, parsed[0], self._discoverer())
-        if verification.status is VerificationStatus.DEFERRED:
-            self._retry(delivery_id, row, "deferred", verification.detail)
-            return
-        if verification.status is VerificationStatus.REFUSED or verification.destination is None:
-            self._settle(delivery_id, row.attempts, REFUSED, "refused", verification.detail, None)
-            self.stats.refused += 1
-            return
-        address = verification.destination.address
-        try:
-            message = report_message(
-                self.settings,
-                address,
-                row.policy_domain,
-                row.period_begin,
-                row.period_end,
-                row.report_id,
-                row.content,
-                row.filename,
-                self.clock(),
-            )
-        except ValueError as exc:
-            # parse_rua lets through only what the mail can carry; if
-            # something still slips by, fail this delivery, not the run.
-            detail = f"cannot build the report mail: {exc}"
-            self._settle(delivery_id, row.attempts, FAILED, "permfail", detail, address)
-            self.stats.failed += 1
-            return
-        result = self.transport().send(self.settings.from_address, address, message)
-        if result.outcome is DeliveryOutcome.SENT:
-            self._settle(delivery_id, row.attempts, SENT, "sent", result.detail, address)
-            sent_recently[row.destination_domain] = sent_recently.get(row.destination_domain, 0)
-            sent_recently[row.destination_domain] += 1
-            self.stats.sent += 1
-        elif result.outcome is DeliveryOutcome.PERMFAIL:
-            self._settle(delivery_id, row.attempts, FAILED, "permfail", result.detail, address)
-            self.stats.failed += 1
-            log.warning("report %s to %s failed: %s", row.report_id, address, result.detail)
-        else:
-            self._retry(delivery_id, row, "tempfail", result.detail)
-
-    def _discoverer(self) -> Discoverer:
-        if self.resolver is None:
-            from ..evaluation import resolver_from_config
-
-            self.resolver = resolver_from_config(self.config)
-        method = DiscoveryMethod(self.config.dmarc.discovery_method)
-        psl = (
-            load_psl(self.config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
+        outbox = Outbox(
+            self.config,
+            self.engine,
+            from_address=self.settings.from_address,
+            rate_limit_per_hour=self.settings.rate_limit_per_hour,
+            retry_for=self.settings.retry_for,
+            compose=self._compose,
+            transport=self.transport,
+            resolver=self.resolver,
+            clock=self.clock,
+            host=self.host,
+            stats=self.stats,
         )
-        return Discoverer(self.resolver.session(), method, psl)
+        outbox.deliver(lease.renew if lease is not None else None)
+        # The outbox makes the resolver on first use; later runs reuse it.
+        self.resolver = outbox.resolver
 
-    def _retry(self, delivery_id: int, row: Any, result: str, detail: str) -> None:
-        now = self.clock()
-        attempts = row.attempts + 1
-        if now - _aware(row.created_at) >= self.settings.retry_for:
-            self._settle(delivery_id, row.attempts, FAILED, result, f"gave up: {detail}", None)
-            self.stats.failed += 1
-            log.warning(
-                "report %s: giving up after %d attempts: %s", row.report_id, attempts, detail
-            )
-            return
-        delay = min(FIRST_RETRY_DELAY * 2 ** (attempts - 1), MAX_RETRY_DELAY)
-        deliveries = DELIVERIES
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id)
-                .values(attempts=attempts, next_attempt_at=now + delay, detail=detail)
-            )
-            self._attempt(conn, delivery_id, now, result, detail)
-        self.stats.retry_later += 1
-
-    def _settle(
-        self,
-        delivery_id: int,
-        attempts: int,
-        status: str,
-        result: str,
-        detail: str,
-        address: str | None,
-    ) -> None:
-        now = self.clock()
-        values: dict[str, Any] = {"status": status, "attempts": attempts + 1, "detail": detail}
-        if status == SENT:
-            values["sent_at"] = now
-        if address is not None:
-            values["address"] = address
-        deliveries = DELIVERIES
-        with self.engine.begin() as conn:
-            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
-            self._attempt(conn, delivery_id, now, result, detail)
-
-    def _attempt(
-        self, conn: Connection, delivery_id: int, now: dt.datetime, result: str, detail: str
-    ) -> None:
-        conn.execute(
-            insert(ATTEMPTS).values(
-                delivery_id=delivery_id,
-                attempted_at=now,
-                result=result,
-                detail=detail,
-                host=self.host,
-            )
+    def _compose(self, report: StoredReport, address: str, now: dt.datetime) -> bytes:
+        return report_message(
+            self.settings,
+            address,
+            report.policy_domain,
+            report.period_begin,
+            report.period_end,
+            report.report_id,
+            report.content,
+            report.filename,
+            now,
         )
 
 
@@ -614,34 +424,6 @@ def report_message(
         filename=filename,
         date=now,
     )
-
-
-def make_transport(report: ReportConfig) -> Transport:
-    if report.transport == "sendmail":
-        return SendmailTransport(report.sendmail_path)
-    password = report.smtp_password or None
-    if report.smtp_password_file:
-        try:
-            password = Path(report.smtp_password_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"report.smtp_password_file: cannot read {report.smtp_password_file}: "
-                f"{exc.strerror or exc}"
-            ) from None
-    try:
-        return SMTPTransport(
-            SMTPSettings(
-                host=report.smtp_host,
-                port=report.smtp_port,
-                starttls=report.smtp_starttls,
-                username=report.smtp_username or None,
-                password=password,
-                timeout=report.smtp_timeout,
-                verify_tls=report.smtp_verify_tls,
-            )
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"[report] smtp_* settings: {exc}") from None
 
 
 def dry_run(
@@ -702,7 +484,6 @@ def _write_dry_run(
 
 __all__ = [
     "BuiltReport",
-    "DeliveryResult",
     "ReportJob",
     "ReportSettings",
     "RunStats",

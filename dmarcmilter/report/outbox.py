@@ -1,0 +1,355 @@
+"""The outbox: delivering stored reports, with retries and a per-destination
+rate limit (RFC 9990 §3 report delivery; digest §6.3, §6.4).
+
+Each stored report has one delivery row per destination, in published
+order (RFC 9990 asks that every usable URI be tried).  A run sends every
+delivery that is due: new, or retried with backoff after a temporary
+failure, across runs (RFC 9990 lets a receiver cache and retry a failed
+delivery).  Right before sending, the destination is verified (RFC 9990
+"Verifying External Destinations", digest §6.4), so a revoked authorization
+stops reports queued before it was revoked.  Every attempt is recorded.
+
+The per-destination rate limit keeps a reporter from becoming a source of
+unwanted mail to one domain, whatever its records ask for.  Nothing here
+knows what a report holds: the caller composes the mail, so aggregate and
+failure reports share this code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from ..config import Config, ReportConfig
+from ..discovery import Discoverer, DiscoveryMethod, load_psl
+from ..errors import ConfigError
+from ..history.models import ReportAttemptRow, ReportDeliveryRow, ReportRow
+from ..resolver import Resolver
+from .delivery import DeliveryOutcome, SendmailTransport, SMTPSettings, SMTPTransport, Transport
+from .destinations import Destination, VerificationStatus, parse_rua, verify_destination
+
+log = logging.getLogger(__name__)
+
+REPORTS = cast(Table, ReportRow.__table__)
+DELIVERIES = cast(Table, ReportDeliveryRow.__table__)
+ATTEMPTS = cast(Table, ReportAttemptRow.__table__)
+
+# The first retry waits this long; each later one twice as long, up to
+# MAX_RETRY_DELAY.  A daily timer meets them at its next run anyway; an
+# hourly one (the shipped timer) retries within the hour.
+FIRST_RETRY_DELAY = dt.timedelta(minutes=15)
+MAX_RETRY_DELAY = dt.timedelta(hours=6)
+RATE_WINDOW = dt.timedelta(hours=1)
+
+# Delivery states (report_deliveries.status).
+PENDING = "pending"
+SENT = "sent"
+REFUSED = "refused"
+FAILED = "failed"
+
+
+@dataclass
+class DeliveryStats:
+    """What the deliveries of a run came to."""
+
+    sent: int = 0
+    retry_later: int = 0
+    failed: int = 0
+    refused: int = 0
+    rate_limited: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReport:
+    """A stored report, as the mail to one destination needs it."""
+
+    report_id: str
+    policy_domain: str
+    period_begin: int
+    period_end: int
+    filename: str
+    content: bytes
+
+
+# Builds the mail carrying a stored report to one address, at a time.  It
+# raises ValueError for what a mail cannot carry.
+Compose = Callable[[StoredReport, str, dt.datetime], bytes]
+
+
+def queue_deliveries(
+    conn: Connection, report_pk: int, destinations: Sequence[Destination], now: dt.datetime
+) -> None:
+    """One pending delivery per destination of a report being stored, due
+    at once; in the caller's transaction, so a report is never stored
+    without them."""
+    rows = [
+        {
+            "report_pk": report_pk,
+            "position": position,
+            "uri": destination.uri,
+            "address": destination.address,
+            "destination_domain": destination.host,
+            "status": PENDING,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "sent_at": None,
+            "detail": "",
+        }
+        for position, destination in enumerate(destinations)
+    ]
+    if rows:
+        conn.execute(insert(DELIVERIES), rows)
+
+
+def make_transport(report: ReportConfig) -> Transport:
+    if report.transport == "sendmail":
+        return SendmailTransport(report.sendmail_path)
+    password = report.smtp_password or None
+    if report.smtp_password_file:
+        try:
+            password = Path(report.smtp_password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"report.smtp_password_file: cannot read {report.smtp_password_file}: "
+                f"{exc.strerror or exc}"
+            ) from None
+    try:
+        return SMTPTransport(
+            SMTPSettings(
+                host=report.smtp_host,
+                port=report.smtp_port,
+                starttls=report.smtp_starttls,
+                username=report.smtp_username or None,
+                password=password,
+                timeout=report.smtp_timeout,
+                verify_tls=report.smtp_verify_tls,
+            )
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"[report] smtp_* settings: {exc}") from None
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite and MySQL hand back the stored UTC wall-clock time, naive.
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+class Outbox:
+    """The deliveries of one run.  The transport is asked for only when a
+    mail is to be sent, and the caller closes it."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        *,
+        from_address: str,
+        rate_limit_per_hour: int,
+        retry_for: dt.timedelta,
+        compose: Compose,
+        transport: Callable[[], Transport],
+        resolver: Resolver | None,
+        clock: Callable[[], dt.datetime],
+        host: str,
+        stats: DeliveryStats,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.from_address = from_address
+        self.rate_limit_per_hour = rate_limit_per_hour
+        self.retry_for = retry_for
+        self.compose = compose
+        self.transport = transport
+        self.resolver = resolver
+        self.clock = clock
+        self.host = host
+        self.stats = stats
+
+    def deliver(self, renew: Callable[[], None] | None = None) -> None:
+        """Send every delivery that is due; ``renew`` keeps the run's lease."""
+        deliveries = DELIVERIES
+        now = self.clock()
+        with self.engine.connect() as conn:
+            due = conn.execute(
+                select(deliveries.c.id)
+                .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= now)
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+            ).all()
+        sent_recently: dict[str, int] = {}
+        for (delivery_id,) in due:
+            if renew is not None:
+                renew()
+            self._deliver_one(delivery_id, sent_recently)
+
+    def _sent_recently(self, destination_domain: str, cache: dict[str, int]) -> int:
+        if destination_domain not in cache:
+            deliveries = DELIVERIES
+            since = self.clock() - RATE_WINDOW
+            with self.engine.connect() as conn:
+                cache[destination_domain] = int(
+                    conn.execute(
+                        select(func.count())
+                        .select_from(deliveries)
+                        .where(
+                            deliveries.c.destination_domain == destination_domain,
+                            deliveries.c.sent_at > since,
+                        )
+                    ).scalar_one()
+                )
+        return cache[destination_domain]
+
+    def _deliver_one(self, delivery_id: int, sent_recently: dict[str, int]) -> None:
+        deliveries = DELIVERIES
+        reports = REPORTS
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    deliveries.c.uri,
+                    deliveries.c.address,
+                    deliveries.c.destination_domain,
+                    deliveries.c.attempts,
+                    reports.c.report_id,
+                    reports.c.policy_domain,
+                    reports.c.period_begin,
+                    reports.c.period_end,
+                    reports.c.filename,
+                    reports.c.content,
+                    reports.c.created_at,
+                )
+                .join_from(deliveries, reports, deliveries.c.report_pk == reports.c.id)
+                .where(deliveries.c.id == delivery_id, deliveries.c.status == PENDING)
+            ).first()
+        if row is None:
+            return  # settled meanwhile
+        if self._sent_recently(row.destination_domain, sent_recently) >= (self.rate_limit_per_hour):
+            # Left due: the next run sends it, once the hour has room.
+            self.stats.rate_limited += 1
+            return
+        parsed, _ = parse_rua(row.uri, 1)
+        if not parsed:
+            self._settle(delivery_id, row.attempts, FAILED, "refused", "unusable URI", None)
+            self.stats.refused += 1
+            return
+        verification = verify_destination(row.policy_domain, parsed[0], self._discoverer())
+        if verification.status is VerificationStatus.DEFERRED:
+            self._retry(delivery_id, row, "deferred", verification.detail)
+            return
+        if verification.status is VerificationStatus.REFUSED or verification.destination is None:
+            self._settle(delivery_id, row.attempts, REFUSED, "refused", verification.detail, None)
+            self.stats.refused += 1
+            return
+        address = verification.destination.address
+        try:
+            report = StoredReport(
+                report_id=row.report_id,
+                policy_domain=row.policy_domain,
+                period_begin=row.period_begin,
+                period_end=row.period_end,
+                filename=row.filename,
+                content=row.content,
+            )
+            message = self.compose(report, address, self.clock())
+        except ValueError as exc:
+            # parse_rua lets through only what the mail can carry; if
+            # something still slips by, fail this delivery, not the run.
+            detail = f"cannot build the report mail: {exc}"
+            self._settle(delivery_id, row.attempts, FAILED, "permfail", detail, address)
+            self.stats.failed += 1
+            return
+        result = self.transport().send(self.from_address, address, message)
+        if result.outcome is DeliveryOutcome.SENT:
+            self._settle(delivery_id, row.attempts, SENT, "sent", result.detail, address)
+            sent_recently[row.destination_domain] = sent_recently.get(row.destination_domain, 0)
+            sent_recently[row.destination_domain] += 1
+            self.stats.sent += 1
+        elif result.outcome is DeliveryOutcome.PERMFAIL:
+            self._settle(delivery_id, row.attempts, FAILED, "permfail", result.detail, address)
+            self.stats.failed += 1
+            log.warning("report %s to %s failed: %s", row.report_id, address, result.detail)
+        else:
+            self._retry(delivery_id, row, "tempfail", result.detail)
+
+    def _discoverer(self) -> Discoverer:
+        if self.resolver is None:
+            from ..evaluation import resolver_from_config
+
+            self.resolver = resolver_from_config(self.config)
+        method = DiscoveryMethod(self.config.dmarc.discovery_method)
+        psl = (
+            load_psl(self.config.dmarc.psl_file or None) if method is DiscoveryMethod.PSL else None
+        )
+        return Discoverer(self.resolver.session(), method, psl)
+
+    def _retry(self, delivery_id: int, row: Any, result: str, detail: str) -> None:
+        now = self.clock()
+        attempts = row.attempts + 1
+        if now - _aware(row.created_at) >= self.retry_for:
+            self._settle(delivery_id, row.attempts, FAILED, result, f"gave up: {detail}", None)
+            self.stats.failed += 1
+            log.warning(
+                "report %s: giving up after %d attempts: %s", row.report_id, attempts, detail
+            )
+            return
+        delay = min(FIRST_RETRY_DELAY * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+        deliveries = DELIVERIES
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id)
+                .values(attempts=attempts, next_attempt_at=now + delay, detail=detail)
+            )
+            self._attempt(conn, delivery_id, now, result, detail)
+        self.stats.retry_later += 1
+
+    def _settle(
+        self,
+        delivery_id: int,
+        attempts: int,
+        status: str,
+        result: str,
+        detail: str,
+        address: str | None,
+    ) -> None:
+        now = self.clock()
+        values: dict[str, Any] = {"status": status, "attempts": attempts + 1, "detail": detail}
+        if status == SENT:
+            values["sent_at"] = now
+        if address is not None:
+            values["address"] = address
+        deliveries = DELIVERIES
+        with self.engine.begin() as conn:
+            conn.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+            self._attempt(conn, delivery_id, now, result, detail)
+
+    def _attempt(
+        self, conn: Connection, delivery_id: int, now: dt.datetime, result: str, detail: str
+    ) -> None:
+        conn.execute(
+            insert(ATTEMPTS).values(
+                delivery_id=delivery_id,
+                attempted_at=now,
+                result=result,
+                detail=detail,
+                host=self.host,
+            )
+        )
+
+
+__all__ = [
+    "FIRST_RETRY_DELAY",
+    "MAX_RETRY_DELAY",
+    "RATE_WINDOW",
+    "Compose",
+    "DeliveryStats",
+    "Outbox",
+    "StoredReport",
+    "make_transport",
+    "queue_deliveries",
+]
