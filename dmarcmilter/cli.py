@@ -401,7 +401,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .history import db
-    from .report.generate import ReportJob, ReportSettings, dry_run
+    from .report.aggregate import ReportSettings
+    from .report.job import ReportJob, dry_run
 
     config = load_config(args.config)
     if args.format:

@@ -21,7 +21,8 @@ from dmarcmilter.history.writer import HistoryWriter
 from dmarcmilter.message import Message
 from dmarcmilter.policy import decide
 from dmarcmilter.record import parse_record
-from dmarcmilter.report.generate import ReportJob, build_reports
+from dmarcmilter.report.aggregate import build_reports
+from dmarcmilter.report.job import ReportJob
 from dmarcmilter.report.period import Period
 from dmarcmilter.resolver import Resolver
 from tests.dnsserver import TestDNSServer

@@ -34,7 +34,7 @@ from dmarcmilter.history.models import (
     ReportRow,
 )
 from dmarcmilter.history.rows import new_idempotency_key, record_key
-from dmarcmilter.report.generate import ReportJob, dry_run
+from dmarcmilter.report.job import ReportJob, dry_run
 from dmarcmilter.report.lease import LEASE_NAME, LEASE_TTL
 from dmarcmilter.report.period import Period
 from dmarcmilter.resolver import Resolver
@@ -869,7 +869,7 @@ def test_prune_deletes_old_reports_with_their_deliveries(
 def test_settings_report_mail_cannot_carry_are_refused(
     config: dict[str, Any], message: str
 ) -> None:
-    from dmarcmilter.report.generate import ReportSettings
+    from dmarcmilter.report.aggregate import ReportSettings
 
     report = {
         "org_name": "Receiver",

@@ -1,0 +1,301 @@
+"""Aggregate reports, built and stored (RFC 9990 §2, §3; digest §6.1, §6.3).
+
+For every policy domain with a ``rua`` seen in the period, the grouped
+records (the history reader's SQL GROUP BY, streamed) are written as XML
+straight into a gzip stream, one report per published-policy configuration,
+and stored with one delivery per rua destination, all of one domain in one
+transaction.  A report already stored for that domain and period is never
+generated again, so re-running a period sends nothing twice.  Sending is the
+outbox's (:mod:`dmarcmilter.report.outbox`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import gzip
+import hashlib
+import io
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Table, insert, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from .. import __version__
+from ..config import Config
+from ..errors import ConfigError
+from ..history.models import ReportRow
+from ..history.reader import PublishedPolicy, policy_domains, record_errors, report_records
+from .destinations import Destination, parse_rua
+from .mail import build_report_message, report_filename
+from .model import ReportMetadata
+from .outbox import queue_deliveries
+from .period import Period
+from .xml import ReportFormat, write_report
+
+log = logging.getLogger(__name__)
+
+REPORTS = cast(Table, ReportRow.__table__)
+
+GENERATOR = f"dmarcmilter/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSettings:
+    """What a run needs from ``[report]``, checked: a missing required
+    key is a configuration error that names it."""
+
+    org_name: str
+    email: str
+    from_address: str
+    submitter: str
+    extra_contact_info: str | None
+    format: ReportFormat
+    envelope_to: bool
+    max_uris: int
+    rate_limit_per_hour: int
+    retry_for: dt.timedelta
+
+    @classmethod
+    def from_config(cls, config: Config, source: str = "the configuration") -> ReportSettings:
+        report = config.report
+        for key in ("org_name", "from_address"):
+            if not getattr(report, key):
+                raise ConfigError(
+                    f"{source}: report.{key} is not set; aggregate reports need it "
+                    "(see [report] in etc/dmarcmilter.toml)"
+                )
+        settings = cls(
+            org_name=report.org_name,
+            email=report.email or report.from_address,
+            from_address=report.from_address,
+            submitter=(report.submitter or config.effective_authserv_id()).lower().rstrip("."),
+            extra_contact_info=report.extra_contact_info or None,
+            format=ReportFormat(report.format),
+            envelope_to=report.envelope_to,
+            max_uris=report.max_uris,
+            rate_limit_per_hour=report.rate_limit_per_hour,
+            retry_for=dt.timedelta(hours=report.retry_hours),
+        )
+        # The mail code has the last word on what a report mail can carry:
+        # try it once now, rather than fail on every report later.
+        try:
+            report_message(
+                settings,
+                settings.email,
+                "example.com",
+                0,
+                86399,
+                "0",
+                b"",
+                report_filename(settings.submitter, "example.com", 0, 86399, "0"),
+                dt.datetime(1970, 1, 2, tzinfo=dt.UTC),
+            )
+        except ValueError as exc:
+            hint = ""
+            if not report.submitter:
+                hint = (
+                    f" (report.submitter is unset, so the authserv-id {settings.submitter!r} "
+                    "is used: set report.submitter to this host's fully qualified name)"
+                )
+            raise ConfigError(f"{source}: [report]: {exc}{hint}") from None
+        return settings
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltReport:
+    """One generated report: the attachment and where it should go."""
+
+    report_id: str
+    policy_domain: str
+    period: Period
+    format: ReportFormat
+    filename: str
+    content: bytes  # gzip-compressed XML
+    message_count: int
+    record_count: int
+    destinations: tuple[Destination, ...]
+    ignored_uris: tuple[str, ...]
+
+
+def report_id_for(
+    submitter: str, policy: PublishedPolicy, period: Period, fmt: ReportFormat
+) -> str:
+    """Alphanumeric (the filename's unique-id must be) and stable: the same
+    domain, period, policy configuration and format give the same id, on
+    every host of a fleet, so a re-sent report keeps its name (digest §6.1)."""
+    key = repr((submitter, period.begin_ts, period.end_ts, fmt.value, dataclasses.astuple(policy)))
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def build_reports(
+    engine: Engine, settings: ReportSettings, period: Period, policy_domain: str
+) -> Iterator[BuiltReport]:
+    """The reports of one policy domain for ``period``: one per published
+    policy configuration.
+
+    [impl choice] RFC 9990 lets a receiver whose policy changed within the
+    period either send one report per configuration or report only the
+    final one; each row here is reported under the policy that was in force
+    when it was evaluated, which only separate reports can say.
+    """
+    errors = tuple(record_errors(engine, policy_domain, period.begin, period.end))
+    records = report_records(
+        engine,
+        policy_domain,
+        period.begin,
+        period.end,
+        include_envelope_to=settings.envelope_to,
+    )
+    # The reader sorts by the policy columns first, so each configuration
+    # is one run of records, streamed into its report.
+    for policy, group in itertools.groupby(records, key=_policy_of):
+        destinations, ignored = parse_rua(policy.rua, settings.max_uris)
+        if not destinations:
+            # This configuration asked for no reports, or only where we
+            # cannot send them (no mailto: URI): its rows are skipped.
+            for _ in group:
+                pass
+            continue
+        report_id = report_id_for(settings.submitter, policy, period, settings.format)
+        metadata = ReportMetadata(
+            org_name=settings.org_name,
+            email=settings.email,
+            report_id=report_id,
+            begin=period.begin_ts,
+            end=period.end_ts,
+            generator=GENERATOR,
+            extra_contact_info=settings.extra_contact_info,
+            errors=errors,
+        )
+        buffer = io.BytesIO()
+        # No name and mtime 0 in the gzip header: the same report is the
+        # same bytes wherever and whenever it is generated.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=6) as gz:
+            written = write_report(gz, metadata, policy, group, settings.format)
+        yield BuiltReport(
+            report_id=report_id,
+            policy_domain=policy_domain,
+            period=period,
+            format=settings.format,
+            filename=report_filename(
+                settings.submitter, policy_domain, period.begin_ts, period.end_ts, report_id
+            ),
+            content=buffer.getvalue(),
+            message_count=written.message_count,
+            record_count=written.record_count,
+            destinations=destinations,
+            ignored_uris=ignored,
+        )
+
+
+def _policy_of(record: Any) -> PublishedPolicy:
+    policy: PublishedPolicy = record.policy
+    return policy
+
+
+def domains_to_report(engine: Engine, period: Period, domain: str | None) -> list[str]:
+    """The policy domains seen in ``period`` (or only ``domain``)."""
+    # Names only: a few hundred bytes per domain, never the messages.
+    names = list(policy_domains(engine, period.begin, period.end))
+    if domain is not None:
+        names = [name for name in names if name == domain]
+    return names
+
+
+def already_stored(engine: Engine, policy_domain: str, period: Period, fmt: ReportFormat) -> bool:
+    """Whether a run has stored this domain's reports for ``period``."""
+    table = REPORTS
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(table.c.id)
+            .where(
+                table.c.policy_domain == policy_domain,
+                table.c.period_begin == period.begin_ts,
+                table.c.period_end == period.end_ts,
+                table.c.format == fmt.value,
+            )
+            .limit(1)
+        ).first()
+    return found is not None
+
+
+def store_reports(engine: Engine, reports: list[BuiltReport], now: dt.datetime, host: str) -> bool:
+    """Store one domain's reports and their deliveries atomically;
+    False when another run stored them first."""
+    try:
+        with engine.begin() as conn:
+            for report in reports:
+                _store_one(conn, report, now, host)
+    except IntegrityError:
+        return False
+    return True
+
+
+def _store_one(conn: Connection, report: BuiltReport, now: dt.datetime, host: str) -> None:
+    result = conn.execute(
+        insert(REPORTS).values(
+            report_id=report.report_id,
+            policy_domain=report.policy_domain,
+            period_begin=report.period.begin_ts,
+            period_end=report.period.end_ts,
+            format=report.format.value,
+            filename=report.filename,
+            message_count=report.message_count,
+            record_count=report.record_count,
+            content=report.content,
+            created_at=now,
+            created_by=host,
+        )
+    )
+    inserted = result.inserted_primary_key
+    assert inserted is not None  # a single-row INSERT always has one
+    queue_deliveries(conn, inserted[0], report.destinations, now)
+    for problem in report.ignored_uris:
+        log.info("report %s for %s: %s", report.report_id, report.policy_domain, problem)
+
+
+def report_message(
+    settings: ReportSettings,
+    to_address: str,
+    policy_domain: str,
+    begin: int,
+    end: int,
+    report_id: str,
+    content: bytes,
+    filename: str,
+    now: dt.datetime,
+) -> bytes:
+    """The mail carrying one stored or dry-run report to one destination."""
+    return build_report_message(
+        from_address=settings.from_address,
+        to_address=to_address,
+        receiver=settings.submitter,
+        submitter=settings.submitter,
+        org_name=settings.org_name,
+        policy_domain=policy_domain,
+        begin=begin,
+        end=end,
+        report_id=report_id,
+        attachment=content,
+        filename=filename,
+        date=now,
+    )
+
+
+__all__ = [
+    "GENERATOR",
+    "BuiltReport",
+    "ReportSettings",
+    "already_stored",
+    "build_reports",
+    "domains_to_report",
+    "report_id_for",
+    "report_message",
+    "store_reports",
+]
