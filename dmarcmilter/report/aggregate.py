@@ -34,7 +34,7 @@ from ..history.reader import PublishedPolicy, policy_domains, record_errors, rep
 from .destinations import Destination, parse_rua
 from .mail import build_report_message, report_filename
 from .model import ReportMetadata
-from .outbox import queue_deliveries
+from .outbox import StoredReport, queue_deliveries
 from .period import Period
 from .xml import ReportFormat, write_report
 
@@ -85,17 +85,15 @@ class ReportSettings:
         # The mail code has the last word on what a report mail can carry:
         # try it once now, rather than fail on every report later.
         try:
-            report_message(
-                settings,
-                settings.email,
-                "example.com",
-                0,
-                86399,
-                "0",
-                b"",
-                report_filename(settings.submitter, "example.com", 0, 86399, "0"),
-                dt.datetime(1970, 1, 2, tzinfo=dt.UTC),
+            sample = StoredReport(
+                report_id="0",
+                policy_domain="example.com",
+                period_begin=0,
+                period_end=86399,
+                filename=report_filename(settings.submitter, "example.com", 0, 86399, "0"),
+                content=b"",
             )
+            report_message(settings, sample, settings.email, dt.datetime(1970, 1, 2, tzinfo=dt.UTC))
         except ValueError as exc:
             hint = ""
             if not report.submitter:
@@ -121,6 +119,17 @@ class BuiltReport:
     record_count: int
     destinations: tuple[Destination, ...]
     ignored_uris: tuple[str, ...]
+
+    def stored(self) -> StoredReport:
+        """The report as the outbox keeps it, for composing its mail."""
+        return StoredReport(
+            report_id=self.report_id,
+            policy_domain=self.policy_domain,
+            period_begin=self.period.begin_ts,
+            period_end=self.period.end_ts,
+            filename=self.filename,
+            content=self.content,
+        )
 
 
 def report_id_for(
@@ -261,29 +270,22 @@ def _store_one(conn: Connection, report: BuiltReport, now: dt.datetime, host: st
 
 
 def report_message(
-    settings: ReportSettings,
-    to_address: str,
-    policy_domain: str,
-    begin: int,
-    end: int,
-    report_id: str,
-    content: bytes,
-    filename: str,
-    now: dt.datetime,
+    settings: ReportSettings, report: StoredReport, to_address: str, now: dt.datetime
 ) -> bytes:
-    """The mail carrying one stored or dry-run report to one destination."""
+    """The mail carrying one stored or dry-run report to one destination;
+    with the settings bound, the outbox's ``Compose`` for aggregate reports."""
     return build_report_message(
         from_address=settings.from_address,
         to_address=to_address,
         receiver=settings.submitter,
         submitter=settings.submitter,
         org_name=settings.org_name,
-        policy_domain=policy_domain,
-        begin=begin,
-        end=end,
-        report_id=report_id,
-        attachment=content,
-        filename=filename,
+        policy_domain=report.policy_domain,
+        begin=report.period_begin,
+        end=report.period_end,
+        report_id=report.report_id,
+        attachment=report.content,
+        filename=report.filename,
         date=now,
     )
 

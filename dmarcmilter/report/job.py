@@ -13,6 +13,7 @@ nothing to the database.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from .aggregate import (
 )
 from .delivery import Transport
 from .lease import LEASE_NAME, Lease, host_identity
-from .outbox import DeliveryStats, Outbox, StoredReport, make_transport
+from .outbox import DeliveryStats, Outbox, make_transport
 from .period import Period
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,12 @@ class ReportJob:
 
     def deliver(self, lease: Lease | None = None) -> None:
         outbox = Outbox(
-            self.config,
-            self.engine,
+            config=self.config,
+            engine=self.engine,
             from_address=self.settings.from_address,
             rate_limit_per_hour=self.settings.rate_limit_per_hour,
             retry_for=self.settings.retry_for,
-            compose=self._compose,
+            compose=functools.partial(report_message, self.settings),
             transport=self.transport,
             resolver=self.resolver,
             clock=self.clock,
@@ -161,19 +162,6 @@ class ReportJob:
         outbox.deliver(lease.renew if lease is not None else None)
         # The outbox makes the resolver on first use; later runs reuse it.
         self.resolver = outbox.resolver
-
-    def _compose(self, report: StoredReport, address: str, now: dt.datetime) -> bytes:
-        return report_message(
-            self.settings,
-            address,
-            report.policy_domain,
-            report.period_begin,
-            report.period_end,
-            report.report_id,
-            report.content,
-            report.filename,
-            now,
-        )
 
 
 def dry_run(
@@ -214,17 +202,7 @@ def dry_run(
 def _write_dry_run(
     directory: Path, report: BuiltReport, settings: ReportSettings, now: dt.datetime
 ) -> None:
-    message = report_message(
-        settings,
-        report.destinations[0].address,
-        report.policy_domain,
-        report.period.begin_ts,
-        report.period.end_ts,
-        report.report_id,
-        report.content,
-        report.filename,
-        now,
-    )
+    message = report_message(settings, report.stored(), report.destinations[0].address, now)
     try:
         (directory / report.filename).write_bytes(report.content)
         (directory / f"{report.filename}.eml").write_bytes(message)

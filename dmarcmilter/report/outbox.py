@@ -141,36 +141,23 @@ def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
+@dataclass(kw_only=True)
 class Outbox:
     """The deliveries of one run.  The transport is asked for only when a
-    mail is to be sent, and the caller closes it."""
+    mail is to be sent, and the caller closes it; the resolver is made on
+    first use when none is given."""
 
-    def __init__(
-        self,
-        config: Config,
-        engine: Engine,
-        *,
-        from_address: str,
-        rate_limit_per_hour: int,
-        retry_for: dt.timedelta,
-        compose: Compose,
-        transport: Callable[[], Transport],
-        resolver: Resolver | None,
-        clock: Callable[[], dt.datetime],
-        host: str,
-        stats: DeliveryStats,
-    ) -> None:
-        self.config = config
-        self.engine = engine
-        self.from_address = from_address
-        self.rate_limit_per_hour = rate_limit_per_hour
-        self.retry_for = retry_for
-        self.compose = compose
-        self.transport = transport
-        self.resolver = resolver
-        self.clock = clock
-        self.host = host
-        self.stats = stats
+    config: Config
+    engine: Engine
+    from_address: str
+    rate_limit_per_hour: int
+    retry_for: dt.timedelta
+    compose: Compose
+    transport: Callable[[], Transport]
+    resolver: Resolver | None
+    clock: Callable[[], dt.datetime]
+    host: str  # recorded with each attempt
+    stats: DeliveryStats
 
     def deliver(self, renew: Callable[[], None] | None = None) -> None:
         """Send every delivery that is due; ``renew`` keeps the run's lease."""
@@ -246,15 +233,15 @@ class Outbox:
             self.stats.refused += 1
             return
         address = verification.destination.address
+        report = StoredReport(
+            report_id=row.report_id,
+            policy_domain=row.policy_domain,
+            period_begin=row.period_begin,
+            period_end=row.period_end,
+            filename=row.filename,
+            content=row.content,
+        )
         try:
-            report = StoredReport(
-                report_id=row.report_id,
-                policy_domain=row.policy_domain,
-                period_begin=row.period_begin,
-                period_end=row.period_end,
-                filename=row.filename,
-                content=row.content,
-            )
             message = self.compose(report, address, self.clock())
         except ValueError as exc:
             # parse_rua lets through only what the mail can carry; if
