@@ -160,7 +160,8 @@ class ReportJob:
             stats=self.stats,
         )
         outbox.deliver(lease.renew if lease is not None else None)
-        # The outbox makes the resolver on first use; later runs reuse it.
+        # The outbox makes the resolver on first use; keep it for the
+        # next deliver() of this job rather than build another.
         self.resolver = outbox.resolver
 
 

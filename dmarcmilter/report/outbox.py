@@ -136,6 +136,49 @@ def make_transport(report: ReportConfig) -> Transport:
         raise ConfigError(f"[report] smtp_* settings: {exc}") from None
 
 
+def retry_delay(attempts: int) -> dt.timedelta:
+    """How long to wait before the next attempt, after ``attempts`` have
+    been made: doubling from FIRST_RETRY_DELAY, capped at MAX_RETRY_DELAY."""
+    factor: int = 2 ** (attempts - 1)  # int ** int is typed Any: it may be a float
+    return min(FIRST_RETRY_DELAY * factor, MAX_RETRY_DELAY)
+
+
+class DestinationRateLimit:
+    """At most ``per_hour`` reports sent to one destination domain within
+    RATE_WINDOW.  Counted from the delivery rows, so the limit holds across
+    runs and across the hosts of a fleet; each domain is counted once per
+    run and kept current as the run sends."""
+
+    def __init__(self, engine: Engine, per_hour: int, clock: Callable[[], dt.datetime]) -> None:
+        self.engine = engine
+        self.per_hour = per_hour
+        self.clock = clock
+        self._sent: dict[str, int] = {}
+
+    def allows(self, destination_domain: str) -> bool:
+        return self._sent_recently(destination_domain) < self.per_hour
+
+    def record(self, destination_domain: str) -> None:
+        self._sent[destination_domain] = self._sent_recently(destination_domain) + 1
+
+    def _sent_recently(self, destination_domain: str) -> int:
+        if destination_domain not in self._sent:
+            deliveries = DELIVERIES
+            since = self.clock() - RATE_WINDOW
+            with self.engine.connect() as conn:
+                self._sent[destination_domain] = int(
+                    conn.execute(
+                        select(func.count())
+                        .select_from(deliveries)
+                        .where(
+                            deliveries.c.destination_domain == destination_domain,
+                            deliveries.c.sent_at > since,
+                        )
+                    ).scalar_one()
+                )
+        return self._sent[destination_domain]
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
     # SQLite and MySQL hand back the stored UTC wall-clock time, naive.
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -169,30 +212,13 @@ class Outbox:
                 .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= now)
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             ).all()
-        sent_recently: dict[str, int] = {}
+        limit = DestinationRateLimit(self.engine, self.rate_limit_per_hour, self.clock)
         for (delivery_id,) in due:
             if renew is not None:
                 renew()
-            self._deliver_one(delivery_id, sent_recently)
+            self._deliver_one(delivery_id, limit)
 
-    def _sent_recently(self, destination_domain: str, cache: dict[str, int]) -> int:
-        if destination_domain not in cache:
-            deliveries = DELIVERIES
-            since = self.clock() - RATE_WINDOW
-            with self.engine.connect() as conn:
-                cache[destination_domain] = int(
-                    conn.execute(
-                        select(func.count())
-                        .select_from(deliveries)
-                        .where(
-                            deliveries.c.destination_domain == destination_domain,
-                            deliveries.c.sent_at > since,
-                        )
-                    ).scalar_one()
-                )
-        return cache[destination_domain]
-
-    def _deliver_one(self, delivery_id: int, sent_recently: dict[str, int]) -> None:
+    def _deliver_one(self, delivery_id: int, limit: DestinationRateLimit) -> None:
         deliveries = DELIVERIES
         reports = REPORTS
         with self.engine.connect() as conn:
@@ -215,7 +241,7 @@ class Outbox:
             ).first()
         if row is None:
             return  # settled meanwhile
-        if self._sent_recently(row.destination_domain, sent_recently) >= (self.rate_limit_per_hour):
+        if not limit.allows(row.destination_domain):
             # Left due: the next run sends it, once the hour has room.
             self.stats.rate_limited += 1
             return
@@ -253,8 +279,7 @@ class Outbox:
         result = self.transport().send(self.from_address, address, message)
         if result.outcome is DeliveryOutcome.SENT:
             self._settle(delivery_id, row.attempts, SENT, "sent", result.detail, address)
-            sent_recently[row.destination_domain] = sent_recently.get(row.destination_domain, 0)
-            sent_recently[row.destination_domain] += 1
+            limit.record(row.destination_domain)
             self.stats.sent += 1
         elif result.outcome is DeliveryOutcome.PERMFAIL:
             self._settle(delivery_id, row.attempts, FAILED, "permfail", result.detail, address)
@@ -284,7 +309,7 @@ class Outbox:
                 "report %s: giving up after %d attempts: %s", row.report_id, attempts, detail
             )
             return
-        delay = min(FIRST_RETRY_DELAY * 2 ** (attempts - 1), MAX_RETRY_DELAY)
+        delay = retry_delay(attempts)
         deliveries = DELIVERIES
         with self.engine.begin() as conn:
             conn.execute(
@@ -335,8 +360,10 @@ __all__ = [
     "RATE_WINDOW",
     "Compose",
     "DeliveryStats",
+    "DestinationRateLimit",
     "Outbox",
     "StoredReport",
     "make_transport",
     "queue_deliveries",
+    "retry_delay",
 ]
