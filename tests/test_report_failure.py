@@ -1,20 +1,30 @@
-"""Failure reports (RFC 9991): when one is due.
+"""Failure reports (RFC 9991): when one is due, and what it looks like.
 
 The decision runs on real evaluations (the loopback DNS server, real DKIM
-signatures and SPF records).
+signatures and SPF records); the format is checked field by field against
+digest §7.2, for privacy against §7.3, and read back by a real consumer,
+parsedmarc.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import email
+import email.message
+import email.policy
+import re
 from typing import Any
 
+import parsedmarc
 import pytest
 
+from dmarcmilter.authres.render import render
 from dmarcmilter.config import Config, DNSConfig
 from dmarcmilter.dmarc import DMARCResultCode
 from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.message import Message
+from dmarcmilter.policy import decide
 from dmarcmilter.record import parse_record
 from dmarcmilter.report.failure import (
     FailureKind,
@@ -23,6 +33,19 @@ from dmarcmilter.report.failure import (
     NotDue,
     failure_reports_due,
     usable_ruf,
+)
+from dmarcmilter.report.failure_mail import (
+    TOKEN_PREFIX,
+    DeliveryResult,
+    FailedSignature,
+    FailureIncident,
+    FailureReportSettings,
+    Redactor,
+    build_failure_report,
+    defang,
+    delivery_result,
+    failure_report_bytes,
+    incident_from_evaluation,
 )
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from tests.dnsserver import TestDNSServer
@@ -268,3 +291,387 @@ def test_ruf_uses_the_rua_rules() -> None:
         "v=DMARC1; p=none; ruf=https://x.example/r, mailto:a@x.example!10m, mailto:a@X.example"
     )
     assert [d.address for d in usable_ruf(record)] == ["a@x.example"]
+
+
+# -- the format ---------------------------------------------------------------------------
+
+SETTINGS = FailureReportSettings(
+    from_address="dmarc-reports@receiver.example",
+    submitter="mx.receiver.example",
+    org_name="Receiver Example",
+)
+KEY = b"k" * 32
+
+
+def incident(**overrides: Any) -> FailureIncident:
+    values: dict[str, Any] = {
+        "kind": DMARC,
+        "reported_domain": AUTHOR,
+        "source_ip": CLIENT_IP,
+        "arrival_date": NOW,
+        "mail_from": "bounces+ceo@bank.example",
+        "rcpt_to": ("jane.doe@receiver.example",),
+        "authentication_results": (
+            "mx.receiver.example; spf=fail smtp.mailfrom=bank.example; "
+            "dkim=fail header.d=bank.example header.s=s1; dmarc=fail header.from=bank.example"
+        ),
+        "delivery_result": DeliveryResult.REJECT,
+        "headers": (
+            ("From", "Chief Executive <ceo@bank.example>"),
+            ("To", "Jane Doe <jane.doe@receiver.example>"),
+            ("Subject", "Invoice for jane.doe: see https://pay.attacker.example/x?id=1"),
+            ("Message-ID", "<abc123@bank.example>"),
+        ),
+        "dkim_failed": (FailedSignature(AUTHOR, "s1", "fail", "", True, "body hash mismatch"),),
+        "spf_domain": AUTHOR,
+        "spf_result": "fail",
+        "spf_aligned": True,
+        "spf_record": "v=spf1 ip4:198.51.100.0/24 -all",
+    }
+    values.update(overrides)
+    return FailureIncident(**values)
+
+
+def build(inc: FailureIncident, **settings: Any) -> bytes:
+    msg = build_failure_report(
+        inc,
+        to_address="ruf@bank.example",
+        report_id="r1a2b3",
+        date=NOW,
+        settings=dataclasses.replace(SETTINGS, **settings),
+        redaction_key=KEY,
+    )
+    return failure_report_bytes(msg)
+
+
+def parts(data: bytes) -> list[email.message.Message]:
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "feedback-report"
+    payload = msg.get_payload()
+    assert isinstance(payload, list)
+    return payload
+
+
+def feedback_text(data: bytes) -> str:
+    """The message/feedback-report part, as sent."""
+    match = re.search(
+        rb"Content-Type: message/feedback-report\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--", data, re.S
+    )
+    assert match is not None
+    return match.group(1).decode("ascii")
+
+
+def fields(data: bytes) -> list[tuple[str, str]]:
+    text = feedback_text(data)
+    out = []
+    for line in text.split("\r\n"):
+        if line[:1] in (" ", "\t"):
+            name, value = out[-1]
+            out[-1] = (name, value + line)
+        elif line:
+            name, _, value = line.partition(": ")
+            out.append((name, value))
+    return out
+
+
+def test_structure_and_every_field() -> None:
+    data = build(incident(incidents=3))
+    assert b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    top = email.message_from_bytes(data, policy=email.policy.default)
+    assert top["From"].addresses[0].addr_spec == "dmarc-reports@receiver.example"
+    assert top["To"] == "ruf@bank.example"
+    assert top["Message-ID"] == "<r1a2b3@mx.receiver.example>"
+    assert top["Auto-Submitted"] == "auto-generated"
+    assert top["Date"].datetime == NOW
+    human, feedback, original = parts(data)
+    assert human.get_content_type() == "text/plain"
+    assert feedback.get_content_type() == "message/feedback-report"
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert fields(data) == [
+        ("Feedback-Type", "auth-failure"),
+        ("User-Agent", "dmarcmilter/" + __import__("dmarcmilter").__version__),
+        ("Version", "1"),
+        ("Auth-Failure", "dmarc"),
+        (
+            "Authentication-Results",
+            "mx.receiver.example; spf=fail smtp.mailfrom=bank.example; "
+            "dkim=fail header.d=bank.example header.s=s1; dmarc=fail header.from=bank.example",
+        ),
+        ("Identity-Alignment", "dkim, spf"),
+        ("Original-Mail-From", f"<{Redactor(KEY).token('bounces+ceo')}@bank.example>"),
+        ("Original-Rcpt-To", f"<{Redactor(KEY).token('jane.doe')}@receiver.example>"),
+        ("Arrival-Date", "Fri, 01 May 2026 12:00:00 +0000"),
+        ("Source-IP", CLIENT_IP),
+        ("Reported-Domain", AUTHOR),
+        ("Delivery-Result", "reject"),
+        ("Incidents", "3"),
+        ("DKIM-Domain", AUTHOR),
+        ("DKIM-Identity", "@bank.example"),
+        ("DKIM-Selector", "s1"),
+        ("SPF-DNS", "txt : bank.example : v=spf1 ip4:198.51.100.0/24 -all"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dkim_aligned", "spf_aligned", "expected"),
+    [
+        (True, False, "dkim"),
+        (False, True, "spf"),
+        (True, True, "dkim, spf"),
+        (False, False, "none"),
+    ],
+)
+def test_identity_alignment(dkim_aligned: bool, spf_aligned: bool, expected: str) -> None:
+    sig = FailedSignature(
+        AUTHOR if dkim_aligned else "other.example", "s1", "fail", "", dkim_aligned
+    )
+    data = build(incident(dkim_failed=(sig,), spf_aligned=spf_aligned))
+    got = dict(fields(data))
+    assert got["Identity-Alignment"] == expected
+    # The DKIM and SPF fields are there exactly for a failed aligned identifier.
+    assert ("DKIM-Domain" in got) is dkim_aligned
+    assert ("DKIM-Identity" in got) is dkim_aligned
+    assert ("DKIM-Selector" in got) is dkim_aligned
+    assert ("SPF-DNS" in got) is spf_aligned
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "expected"),
+    [
+        (DMARC, "", "dmarc"),
+        (SPF, "", "spf"),
+        (DKIM, "body hash mismatch", "bodyhash"),
+        (DKIM, "key revoked", "revoked"),
+        (DKIM, "signature did not verify", "signature"),
+    ],
+)
+def test_auth_failure(kind: FailureKind, reason: str, expected: str) -> None:
+    sig = FailedSignature(AUTHOR, "s1", "fail", "", True, reason)
+    assert dict(fields(build(incident(kind=kind, dkim_failed=(sig,)))))["Auth-Failure"] == expected
+
+
+def test_null_reverse_path_and_many_recipients() -> None:
+    rcpts = tuple(f"user{i}@receiver.example" for i in range(25))
+    data = build(incident(mail_from="", rcpt_to=rcpts))
+    got = fields(data)
+    assert ("Original-Mail-From", "<>") in got
+    assert len([v for n, v in got if n == "Original-Rcpt-To"]) == 20
+    assert b"Recipients not listed: 5." in data
+
+
+def test_headers_only_by_default_and_full_message_when_asked() -> None:
+    body = b"Dear jane.doe,\r\nPay at http://pay.attacker.example/now today.\r\n"
+    data = build(incident(body=body))
+    assert b"Pay at" not in data
+    assert parts(data)[2].get_content_type() == "text/rfc822-headers"
+
+    full = build(incident(body=body), include_body=True)
+    original = parts(full)[2]
+    assert original.get_content_type() == "message/rfc822"
+    inner = original.get_payload(0)
+    assert isinstance(inner, email.message.Message)
+    text = inner.get_payload(decode=True)
+    assert isinstance(text, bytes)
+    assert b"Pay at hxxp[://]pay[.]attacker[.]example/now today." in text
+    assert b"jane.doe" not in text and b"jane.doe" not in full
+
+
+def test_attachments_are_left_out_of_a_full_message() -> None:
+    headers = (
+        ("From", "ceo@bank.example"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", 'multipart/mixed; boundary="b1"'),
+    )
+    body = (
+        b"--b1\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n"
+        b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment;"
+        b' filename="x.exe"\r\nContent-Transfer-Encoding: base64\r\n\r\nTVqQAAMAAAAEAAAA\r\n'
+        b"--b1--\r\n"
+    )
+    full = build(incident(headers=headers, body=body), include_body=True)
+    inner = parts(full)[2].get_payload(0)
+    assert isinstance(inner, email.message.Message)
+    assert inner.get_content_type() == "text/plain"
+    assert inner.get_payload(decode=True) == b"See the attachment."
+    assert b"TVqQ" not in full
+    assert b"a application/octet-stream part" in full
+
+
+def test_redaction_leaves_no_local_part_anywhere() -> None:
+    inc = incident(
+        headers=(
+            ("From", "Chief Executive <ceo@bank.example>"),
+            ("Reply-To", '"jane.doe" <Jane.Doe@receiver.example>'),
+            ("To", "jane.doe@receiver.example,\r\n\tother.person@receiver.example"),
+            ("Received", "from x by mx for <jane.doe@receiver.example>; Fri, 1 May 2026"),
+            ("Subject", "for jane.doe only"),
+            ("Message-ID", "<jane.doe.42@bank.example>"),
+        ),
+        dkim_failed=(FailedSignature(AUTHOR, "s1", "fail", "ceo@bank.example", True),),
+        authentication_results=(
+            "mx.receiver.example; spf=fail smtp.mailfrom=bounces+ceo@bank.example"
+        ),
+    )
+    data = build(inc)
+    for local in (b"jane.doe", b"ceo@", b"bounces+ceo", b"other.person", b"Jane.Doe"):
+        assert local.lower() not in data.lower(), local
+    token = Redactor(KEY).token("jane.doe").encode()
+    # One address, one token, wherever it appears (any case of the local-part).
+    assert data.count(token) >= 6
+    assert Redactor(KEY).token("jane.doe") == Redactor(KEY).token("Jane.Doe")
+    assert Redactor(KEY).token("jane.doe") != Redactor(b"x" * 32).token("jane.doe")
+    got = dict(fields(data))
+    assert got["DKIM-Identity"] == f"{Redactor(KEY).token('ceo')}@bank.example"
+    # A property name before "=" is not taken for part of a local-part.
+    assert got["Authentication-Results"] == (
+        f"mx.receiver.example; spf=fail smtp.mailfrom={Redactor(KEY).token('bounces+ceo')}"
+        "@bank.example"
+    )
+    # The domains stay: they are what the report is about.
+    assert b"@receiver.example" in data and b"@bank.example" in data
+
+
+def test_each_report_has_its_own_tokens() -> None:
+    one = build_failure_report(
+        incident(), to_address="ruf@bank.example", report_id="a1", date=NOW, settings=SETTINGS
+    )
+    two = build_failure_report(
+        incident(), to_address="ruf@bank.example", report_id="a1", date=NOW, settings=SETTINGS
+    )
+    tokens = [
+        set(re.findall(rf"{TOKEN_PREFIX}[0-9a-f]{{16}}", failure_report_bytes(m).decode()))
+        for m in (one, two)
+    ]
+    assert tokens[0] and tokens[1] and not tokens[0] & tokens[1]
+
+
+def test_redaction_can_be_turned_off() -> None:
+    data = build(incident(), redact=False)
+    assert b"<jane.doe@receiver.example>" in data
+    assert TOKEN_PREFIX.encode() not in data
+    # Links are defanged all the same.
+    assert b"hxxps[://]pay[.]attacker[.]example/x?id=1" in data
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("see https://evil.example/a.b", "see hxxps[://]evil[.]example/a.b"),
+        ("HTTP://Evil.Example", "hxxp[://]Evil[.]Example"),
+        ("ftp://files.example/x", "fxp[://]files[.]example/x"),
+        (
+            "<http://a.example>, <https://b.example>",
+            "<hxxp[://]a[.]example>, <hxxps[://]b[.]example>",
+        ),
+        ("no link here", "no link here"),
+    ],
+)
+def test_defang(text: str, expected: str) -> None:
+    assert defang(text) == expected
+
+
+def test_hostile_header_values_cannot_break_the_structure() -> None:
+    inc = incident(
+        headers=(
+            ("Subject", "a\r\n--=_failure_x\r\nContent-Type: text/html\r\n\r\n<b>"),
+            ("X-Long", "y" * 5000),
+            ("X-Bytes", "caf\u00e9 \x00 \x1b"),
+        )
+    )
+    data = build(inc)
+    original = parts(data)[2]
+    assert original.get_content_type() == "text/rfc822-headers"
+    text = original.get_payload()
+    assert isinstance(text, str)
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    # Every line is a field of the original or continues one: nothing else.
+    starts = [line.split(":")[0] for line in text.splitlines() if line[:1] not in " \t"]
+    assert starts == ["Subject", "X-Long", "X-Bytes"]
+    assert data.isascii()
+
+
+def test_bad_values_are_refused() -> None:
+    with pytest.raises(ValueError):
+        build(incident(source_ip="not an ip"))
+    with pytest.raises(ValueError):
+        build(incident(incidents=0))
+    with pytest.raises(ValueError):
+        build(incident(reported_domain="bank example"))
+    with pytest.raises(ValueError):
+        build(incident(arrival_date=NOW.replace(tzinfo=None)))
+
+
+# -- a real consumer -------------------------------------------------------------------
+
+
+def parsed(data: bytes) -> dict[str, Any]:
+    result = parsedmarc.parse_report_email(data, offline=True)
+    assert result["report_type"] == "failure"
+    report: dict[str, Any] = dict(result["report"])
+    return report
+
+
+@pytest.mark.parametrize(
+    ("dkim_aligned", "spf_aligned", "mechanisms"),
+    [
+        (True, True, ["dkim", "spf"]),
+        (True, False, ["dkim"]),
+        (False, True, ["spf"]),
+        (False, False, []),
+    ],
+)
+def test_parsedmarc_reads_the_report(
+    dkim_aligned: bool, spf_aligned: bool, mechanisms: list[str]
+) -> None:
+    sig = FailedSignature(AUTHOR, "s1", "fail", "", dkim_aligned)
+    inc = incident(dkim_failed=(sig,), spf_aligned=spf_aligned, incidents=4)
+    report = parsed(build(inc))
+    redactor = Redactor(KEY)
+    assert report["feedback_type"] == "auth-failure"
+    assert report["version"] == "1"
+    assert report["user_agent"].startswith("dmarcmilter/")
+    assert report["auth_failure"] == ["dmarc"]
+    assert report["authentication_mechanisms"] == mechanisms
+    assert report["authentication_results"] == inc.authentication_results
+    assert report["original_mail_from"] == f"<{redactor.token('bounces+ceo')}@bank.example>"
+    assert report["original_rcpt_to"] == f"<{redactor.token('jane.doe')}@receiver.example>"
+    assert report["arrival_date_utc"] == "2026-05-01 12:00:00"
+    assert report["source"]["ip_address"] == CLIENT_IP
+    assert report["reported_domain"] == AUTHOR
+    assert report["delivery_result"] == "reject"
+    assert report["incidents"] == "4"
+    assert report["dkim_domain"] == (AUTHOR if dkim_aligned else None)
+    assert report["sample_headers_only"] is True
+    assert report["parsed_sample"]["from"]["domain"] == AUTHOR
+    assert report["parsed_sample"]["subject"].startswith("Invoice for ")
+
+
+def test_parsedmarc_reads_a_report_built_from_an_evaluation(run: Run) -> None:
+    run.record(f"v=DMARC1; p=reject; fo=1:d:s; ruf={RUF}")
+    message, mail_from = scenario_message(S[0])
+    ev = run(message, mail_from, ("jane.doe@receiver.example",))
+    decision = decide(ev, run.config.policy)
+    due = failure_reports_due(ev.dmarc)
+    assert due.kinds == (DMARC, DKIM, SPF)
+    authres = render(ev, "mx.receiver.example")
+    for kind in due.kinds:
+        inc = incident_from_evaluation(
+            ev,
+            decision,
+            kind,
+            headers=Message.from_bytes(message).headers,
+            authentication_results=authres,
+        )
+        assert inc.identity_alignment == "dkim, spf"
+        report = parsed(build(inc))
+        assert report["auth_failure"] == [{DMARC: "dmarc", DKIM: "bodyhash", SPF: "spf"}[kind]]
+        assert report["authentication_mechanisms"] == ["dkim", "spf"]
+        assert report["reported_domain"] == AUTHOR
+        assert report["source"]["ip_address"] == CLIENT_IP
+        assert report["delivery_result"] == delivery_result(decision.action).value == "spam"
+        assert report["dkim_domain"] == AUTHOR
+        assert report["original_mail_from"] == f"<{Redactor(KEY).token('x')}@bounce.bank.example>"
+        assert report["authentication_results"] == " ".join(authres.split())
+        assert report["incidents"] == "1"
