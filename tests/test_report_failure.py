@@ -20,7 +20,7 @@ import parsedmarc
 import pytest
 
 from dmarcmilter.authres.render import render
-from dmarcmilter.config import Config, DNSConfig
+from dmarcmilter.config import Config, DNSConfig, ReportConfig
 from dmarcmilter.dmarc import DMARCResultCode
 from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.message import Message
@@ -47,6 +47,7 @@ from dmarcmilter.report.failure_mail import (
     failure_report_bytes,
     incident_from_evaluation,
 )
+from dmarcmilter.report.guard import is_own_report
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from tests.dnsserver import TestDNSServer
 from tests.signing import dkim_sign, dkim_zone, make_message
@@ -675,3 +676,34 @@ def test_parsedmarc_reads_a_report_built_from_an_evaluation(run: Run) -> None:
         assert report["original_mail_from"] == f"<{Redactor(KEY).token('x')}@bounce.bank.example>"
         assert report["authentication_results"] == " ".join(authres.split())
         assert report["incidents"] == "1"
+
+
+def test_the_loop_guard_knows_our_failure_reports() -> None:
+    config = Config(
+        authserv_id="mx.receiver.example",
+        report=ReportConfig(
+            org_name="Receiver Example",
+            from_address=SETTINGS.from_address,
+            submitter=SETTINGS.submitter,
+        ),
+    )
+    report_id = "f" * 128
+    data = build_failure_report(
+        incident(), to_address="ruf@bank.example", report_id=report_id, date=NOW, settings=SETTINGS
+    )
+    headers = Message.from_bytes(failure_report_bytes(data)).headers
+    assert is_own_report(headers, config)
+    assert ("Message-ID", f"<{report_id}@mx.receiver.example>") in headers
+
+
+def test_oversized_originals_are_cut_and_the_cut_is_said() -> None:
+    many = tuple((f"X-Field-{i}", f"value {i}") for i in range(250))
+    data = build(incident(headers=many))
+    original = parts(data)[2].get_payload()
+    assert isinstance(original, str)
+    assert original.count("X-Field-") == 200
+    assert b"50 more header fields" in data
+    big = tuple((f"X-Big-{i}", "z " * 10_000) for i in range(10))
+    data = build(incident(headers=big))
+    assert b"more header fields (size)" in data
+    assert len(data) < 80_000

@@ -444,6 +444,7 @@ def build_failure_report(
 
     human = email.message.EmailMessage(policy=email.policy.SMTP)
     human.set_content(text, charset="us-ascii", cte="7bit")
+    del human["MIME-Version"]  # set_content adds it; it belongs to the message only
     msg.attach(human)
     msg.attach(_part("message/feedback-report", fields))
     msg.attach(_part(sample.media_type, sample.text))
