@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="lift it after 30d, 12h, 8w...; or never (the default)",
     )
     db_common(add)
-    remove = sup_sub.add_parser("remove", help="lift a suppression (and forget its bounces)")
+    remove = sup_sub.add_parser(
+        "remove", help="lift a suppression and forget its bounces (exit 1 when not listed)"
+    )
     remove.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
     db_common(remove)
     listing = sup_sub.add_parser("list", help="show the list, bounce counts included")
