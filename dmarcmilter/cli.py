@@ -3,7 +3,8 @@
 ``run`` is the milter daemon; ``check`` shows what a receiver discovers for a
 domain; ``evaluate`` runs the whole evaluation of one stored message.  All
 three are thin drivers of the same core.  ``db upgrade|status|prune`` manage
-the history store; ``report`` turns it into aggregate reports.  Bad input
+the history store; ``report`` turns it into aggregate reports;
+``suppress add|remove|list`` manages the report destinations that get none.  Bad input
 ends with one line on stderr and exit status 2, never a traceback.
 """
 
@@ -121,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than", required=True, metavar="AGE", help="age such as 30d, 12h or 8w"
     )
     db_common(prune)
+
+    suppress = sub.add_parser(
+        "suppress", help="manage the suppression list: destinations that get no reports"
+    )
+    sup_sub = suppress.add_subparsers(dest="suppress_command", required=True, parser_class=_Parser)
+    add = sup_sub.add_parser("add", help="suppress an address, or a domain and all under it")
+    add.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
+    add.add_argument("--reason", required=True, metavar="TEXT", help="why, shown by list")
+    add.add_argument(
+        "--expires",
+        default="never",
+        metavar="AGE",
+        help="lift it after 30d, 12h, 8w...; or never (the default)",
+    )
+    db_common(add)
+    remove = sup_sub.add_parser(
+        "remove", help="lift a suppression and forget its bounces (exit 1 when not listed)"
+    )
+    remove.add_argument("target", metavar="ADDRESS_OR_DOMAIN")
+    db_common(remove)
+    listing = sup_sub.add_parser("list", help="show the list, bounce counts included")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    db_common(listing)
     return parser
 
 
@@ -284,12 +308,12 @@ _AGE = re.compile(r"([0-9]{1,6})([hdw])")
 _AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
 
 
-def parse_age(text: str) -> dt.timedelta:
+def parse_age(text: str, option: str = "--older-than") -> dt.timedelta:
     """``30d``, ``12h`` or ``8w`` as a timedelta; InputError otherwise."""
     match = _AGE.fullmatch(text.strip())
     if not match or int(match.group(1)) == 0:
         raise InputError(
-            f"--older-than: expected a positive number of hours, days or weeks "
+            f"{option}: expected a positive number of hours, days or weeks "
             f"such as 12h, 30d or 8w, got {text!r}"
         )
     return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
@@ -337,6 +361,91 @@ def cmd_db(args: argparse.Namespace) -> int:
             f"{db.shown(url)}: deleted {reports} aggregate report(s) older than {args.older_than}"
         )
     return EXIT_OK
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    from .history import db
+    from .report import suppression
+
+    expires: dt.timedelta | None = None
+    if args.suppress_command == "add":
+        if args.expires.strip() != "never":
+            expires = parse_age(args.expires, "--expires")
+        reason = suppression.clean_reason(args.reason)
+        if not reason:
+            raise InputError("--reason: must not be empty")
+    if args.suppress_command in ("add", "remove"):
+        target = suppression.normalize_target(args.target)
+    url = _database_url(args)
+    db.check_schema(url)
+    engine = db.make_engine(url)
+    try:
+        if args.suppress_command == "add":
+            entry = suppression.add(engine, target, reason, expires=expires)
+            what = entry.target + (" (and every name under it)" if entry.is_domain else "")
+            if entry.expires_at is None:
+                print(f"suppressed {what} for ever")
+            else:
+                print(f"suppressed {what} until {_utc_text(entry.expires_at)} ({args.expires})")
+            return EXIT_OK
+        if args.suppress_command == "remove":
+            if suppression.remove(engine, target):
+                print(f"removed {target}")
+                return EXIT_OK
+            print(f"{target} is not on the suppression list")
+            return EXIT_ERROR
+        listed = suppression.entries(engine)
+    finally:
+        engine.dispose()
+    now = dt.datetime.now(dt.UTC)
+    if args.json:
+        print(json.dumps([_suppression_dict(e, now) for e in listed], indent=2))
+        return EXIT_OK
+    if not listed:
+        print("The suppression list is empty.")
+        return EXIT_OK
+    rows = [
+        (
+            e.target,
+            e.state(now),
+            e.source.value,
+            str(e.bounces),
+            "-"
+            if e.suppressed_at is None
+            else "never"
+            if e.expires_at is None
+            else _utc_text(e.expires_at),
+            e.reason,
+        )
+        for e in listed
+    ]
+    header = ("TARGET", "STATE", "SOURCE", "BOUNCES", "EXPIRES", "REASON")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+    for row in (header, *rows):
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return EXIT_OK
+
+
+def _utc_text(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _suppression_dict(entry: Any, now: dt.datetime) -> dict[str, Any]:
+    def when(value: dt.datetime | None) -> str | None:
+        return value.astimezone(dt.UTC).isoformat() if value is not None else None
+
+    return {
+        "target": entry.target,
+        "kind": "domain" if entry.is_domain else "address",
+        "state": entry.state(now),
+        "source": entry.source.value,
+        "reason": entry.reason,
+        "created_at": when(entry.created_at),
+        "suppressed_at": when(entry.suppressed_at),
+        "expires_at": when(entry.expires_at),
+        "bounces": entry.bounces,
+        "last_bounce_at": when(entry.last_bounce_at),
+    }
 
 
 def _report_time(text: str, option: str) -> dt.datetime:
@@ -471,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "db": cmd_db,
         "run": cmd_run,
         "report": cmd_report,
+        "suppress": cmd_suppress,
     }
     try:
         return handlers[args.command](args)
@@ -478,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = args.command
         if command == "db":
             command = f"db {args.db_command}"
+        elif command == "suppress":
+            command = f"suppress {args.suppress_command}"
         print(f"dmarcmilter {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

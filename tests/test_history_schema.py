@@ -83,7 +83,7 @@ def schema_diffs(url: str) -> list[Any]:
 def test_migrations_from_empty_sqlite_match_models(url: str) -> None:
     db.upgrade(url)
     assert schema_diffs(url) == []
-    assert db.schema_status(url) == ("0002", "0002")
+    assert db.schema_status(url) == ("0003", "0003")
     db.check_schema(url)
 
 
@@ -109,7 +109,7 @@ def test_sqlite_connections_are_set_up(url: str) -> None:
 
 def test_upgrade_is_idempotent(migrated: str) -> None:
     db.upgrade(migrated)
-    assert db.schema_status(migrated) == ("0002", "0002")
+    assert db.schema_status(migrated) == ("0003", "0003")
 
 
 def test_indexes_and_cascades(migrated: str) -> None:
@@ -135,9 +135,39 @@ def test_indexes_and_cascades(migrated: str) -> None:
 
 def test_downgrade_to_empty_and_back(migrated: str) -> None:
     command.downgrade(db.alembic_config(migrated), "base")
-    assert db.schema_status(migrated) == (None, "0002")
+    assert db.schema_status(migrated) == (None, "0003")
     db.upgrade(migrated)
     assert schema_diffs(migrated) == []
+
+
+def test_suppressions_table(migrated: str) -> None:
+    engine = db.make_engine(migrated)
+    try:
+        insp = inspect(engine)
+        uniques = insp.get_unique_constraints("suppressions")
+        assert [u["column_names"] for u in uniques] == [["target"]]
+        nullable = {c["name"]: c["nullable"] for c in insp.get_columns("suppressions")}
+        assert [name for name, null in nullable.items() if null] == [
+            "suppressed_at",
+            "expires_at",
+            "last_bounce_at",
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_from_0002_adds_suppressions_and_keeps_rows(migrated: str) -> None:
+    command.downgrade(db.alembic_config(migrated), "0002")
+    assert db.schema_status(migrated) == ("0002", "0003")
+    engine = db.make_engine(migrated)
+    try:
+        assert "suppressions" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    message_id = insert(migrated, make_row("Q2"))
+    db.upgrade(migrated)
+    assert schema_diffs(migrated) == []
+    assert stored(migrated, message_id)["queue_id"] == "Q2"
 
 
 @pytest.mark.parametrize("database", ["pg_db", "mysql_db"], ids=["postgresql", "mysql"])
@@ -243,7 +273,7 @@ def test_check_schema_on_empty_database(url: str, tmp_path: Path) -> None:
     with pytest.raises(SchemaError) as info:
         db.check_schema(url)
     assert str(info.value) == (
-        "database schema is at nothing (empty database), this dmarcmilter needs 0002: "
+        "database schema is at nothing (empty database), this dmarcmilter needs 0003: "
         "run `dmarcmilter db upgrade`"
     )
     # Asking did not create the file.
@@ -261,7 +291,7 @@ def test_check_schema_on_unknown_revision(migrated: str) -> None:
         engine.dispose()
     with pytest.raises(
         SchemaError,
-        match=r"^database schema is at 0000, this dmarcmilter needs 0002: "
+        match=r"^database schema is at 0000, this dmarcmilter needs 0003: "
         r"run `dmarcmilter db upgrade`$",
     ):
         db.check_schema(migrated)
@@ -521,12 +551,12 @@ def test_cli_upgrade_status_prune(tmp_path: Path) -> None:
     assert "Schema revision: - (empty database)" in proc.stdout
     proc = cli("upgrade", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"{url}: schema upgraded from empty to 0002\n"
+    assert proc.stdout == f"{url}: schema upgraded from empty to 0003\n"
     proc = cli("upgrade", "--url", url)
-    assert proc.stdout == f"{url}: schema already at 0002\n"
+    assert proc.stdout == f"{url}: schema already at 0003\n"
     proc = cli("status", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    assert "Schema revision: 0002" in proc.stdout
+    assert "Schema revision: 0003" in proc.stdout
     for age in ("30d", "12h", "8w"):
         proc = cli("prune", "--older-than", age, "--url", url)
         assert proc.returncode == 0, proc.stderr

@@ -294,3 +294,33 @@ class LeaseRow(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
 
     __table_args__ = (MYSQL_TABLE_OPTIONS,)
+
+
+# An address (RFC 5321 §4.5.3.1.3: a path is at most 256 octets with its
+# angle brackets) or a domain name, both checked before they are stored.
+SUPPRESSION_TARGET_LENGTH = 254
+
+
+class SuppressionRow(Base):
+    """A report destination that gets no more reports: an address, or a
+    domain with everything under it.  Also the hard-bounce count of an
+    address that is not suppressed yet (``suppressed_at`` NULL)."""
+
+    __tablename__ = "suppressions"
+
+    id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    # "local@domain" or "domain", lower-case, the domain an A-label.
+    target: Mapped[str] = mapped_column(String(SUPPRESSION_TARGET_LENGTH), unique=True)
+    reason: Mapped[str] = mapped_column(TEXT_TYPE)
+    # How the suppression came: manual, bounce (a DSN), smarthost (a 5xx
+    # reply to our report mail).
+    source: Mapped[str] = mapped_column(String(SHORT))
+    created_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    # NULL: not suppressed, only hard bounces counted so far.
+    suppressed_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
+    # NULL (when suppressed): never expires.
+    expires_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
+    bounces: Mapped[int] = mapped_column(Integer)
+    last_bounce_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
+
+    __table_args__ = (MYSQL_TABLE_OPTIONS,)
