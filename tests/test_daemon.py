@@ -8,6 +8,7 @@ behind a real Postfix.)
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -549,8 +550,27 @@ def test_first_start_without_configuration(tmp_path: Path) -> None:
         if probe.connect_ex(("127.0.0.1", 8893)) == 0:
             pytest.skip("port 8893 is in use on this machine")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "dmarcmilter", "run"]
+    if os.geteuid() == 0:
+        # As root the default state directory is /var/lib/dmarcmilter: give
+        # the daemon an empty /var/lib of its own, so that the test neither
+        # reads a history an earlier run left there (at an older schema,
+        # say) nor leaves one behind.
+        if shutil.which("unshare") is None:
+            pytest.skip("unshare is needed to run as root without touching /var/lib")
+        command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs tmpfs /var/lib && exec "$@"',
+            "sh",
+            *command,
+        ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dmarcmilter", "run"],
+        command,
         cwd=tmp_path,
         env=env,
         stderr=subprocess.PIPE,
@@ -568,6 +588,8 @@ def test_first_start_without_configuration(tmp_path: Path) -> None:
             seen.append(line)
             line = proc.stderr.readline()
         assert "listening on inet:8893@127.0.0.1" in line
+        expected = "/var/lib/dmarcmilter" if os.geteuid() == 0 else str(tmp_path / "state")
+        assert f"state_dir={expected} " in line, line
         client = MilterClient(("127.0.0.1", 8893))
         client.negotiate()
         client.close()
