@@ -524,3 +524,89 @@ def test_bad_input_is_a_result(dns_server: TestDNSServer, resolver: Resolver) ->
     assert verify(resolver, good, policy="").status is REFUSED
     assert verify(resolver, good, policy="exa mple.com").status is REFUSED
     assert dns_server.queries == []
+
+
+# -- ruf: the same verification, the override from the ruf tag ---------------------------
+
+
+def verify_ruf(resolver: Resolver, destination: Destination) -> Verification:
+    return verify_destination(
+        POLICY, destination, Discoverer(resolver.session(), DiscoveryMethod.TREEWALK), tag="ruf"
+    )
+
+
+def test_parse_ruf_problems_name_ruf() -> None:
+    found, problems = parse_rua(
+        "https://x.example/r, mailto:a@x.example, mailto:a@X.example", 5, "ruf"
+    )
+    assert [d.address for d in found] == ["a@x.example"]
+    assert len(problems) == 2
+    assert all(p.startswith("ruf: ") for p in problems)
+    _, rua_problems = parse_rua("https://x.example/r", 5)
+    assert rua_problems[0].startswith("rua: ")
+
+
+@pytest.mark.parametrize(
+    ("record", "address"),
+    [
+        ("v=DMARC1", "forensic@reports.example.net"),
+        # The ruf tag overrides a ruf destination; a rua tag there is about
+        # aggregate reports and changes nothing.
+        ("v=DMARC1; rua=mailto:agg@reports.example.net", "forensic@reports.example.net"),
+        ("v=DMARC1; ruf=mailto:other@reports.example.net", "other@reports.example.net"),
+    ],
+    ids=["plain", "rua-override-ignored", "ruf-override"],
+)
+def test_ruf_authorized(
+    dns_server: TestDNSServer, resolver: Resolver, record: str, address: str
+) -> None:
+    dns_server.set_zone(zone({AUTH_NAME: [txt(record)]}))
+    result = verify_ruf(resolver, dest("mailto:forensic@reports.example.net"))
+    assert result.status is AUTHORIZED
+    assert result.destination is not None
+    assert result.destination.address == address
+    assert report_queries(dns_server) == [(AUTH_NAME, "TXT")]
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [],
+        [txt("v=spf1 -all")],
+        [txt("v=DMARC1; ruf=mailto:forensic@elsewhere.example")],
+    ],
+    ids=["nxdomain", "not-dmarc", "ruf-override-on-another-host"],
+)
+def test_ruf_not_authorized(
+    dns_server: TestDNSServer, resolver: Resolver, records: list[tuple[str, object]]
+) -> None:
+    dns_server.set_zone(zone({AUTH_NAME: records} if records else None))
+    result = verify_ruf(resolver, dest("mailto:forensic@reports.example.net"))
+    assert result.status is REFUSED
+    assert result.destination is None
+    if records and "ruf=" in str(records[0][1]):
+        assert "overrides ruf with" in result.detail
+
+
+def test_an_override_elsewhere_refuses_only_its_own_tag(
+    dns_server: TestDNSServer, resolver: Resolver
+) -> None:
+    dns_server.set_zone(zone({AUTH_NAME: [txt("v=DMARC1; rua=mailto:agg@elsewhere.example")]}))
+    assert verify_ruf(resolver, dest("mailto:f@reports.example.net")).status is AUTHORIZED
+    assert verify(resolver, dest("mailto:agg@reports.example.net")).status is REFUSED
+    dns_server.set_zone(zone({AUTH_NAME: [txt("v=DMARC1; ruf=mailto:f@elsewhere.example")]}))
+    resolver.clear_cache()
+    assert verify(resolver, dest("mailto:agg@reports.example.net")).status is AUTHORIZED
+    assert verify_ruf(resolver, dest("mailto:f@reports.example.net")).status is REFUSED
+
+
+@pytest.mark.parametrize("behaviour", ["servfail", "timeout"])
+def test_ruf_dns_failure_defers(
+    dns_server: TestDNSServer, resolver: Resolver, behaviour: str
+) -> None:
+    dns_server.set_zone(zone())
+    dns_server.set_special(AUTH_NAME, behaviour)
+    result = verify_ruf(resolver, dest("mailto:forensic@reports.example.net"))
+    assert result.status is DEFERRED
+    assert result.destination is None
+    assert behaviour in result.detail

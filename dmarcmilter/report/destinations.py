@@ -1,4 +1,5 @@
-"""Where an aggregate report may be sent: the rua URIs and their verification.
+"""Where a report may be sent: the rua (aggregate) and ruf (failure) URIs
+and their verification.
 
 Two steps stand between a policy's ``rua`` tag and a report in the mail:
 
@@ -14,6 +15,11 @@ Two steps stand between a policy's ``rua`` tag and a report in the mail:
   host.  Without this check, anyone could make every receiver mail reports to
   a third party by naming it in their own record.
 
+Both take ``tag``, "rua" or "ruf" (default "rua"): the two tags have the same
+URI rules (RFC 9989 §4.7) and the same verification (RFC 9991 defers to RFC
+9990's), but an override in the authorizing record is read from the same tag
+the destination came from, and problems name it.
+
 Nothing here raises for bad published data: a URI that cannot be used is a
 problem string, and a DNS failure is a :attr:`VerificationStatus.DEFERRED`
 result, so the report job can retry that destination on a later run.
@@ -25,6 +31,7 @@ import enum
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import unquote
 
 from ..discovery import Discoverer
@@ -39,6 +46,9 @@ MAX_LABEL_OCTETS = 63
 
 # Digest §6.4 step 2: the label pair between the policy domain and the host.
 REPORT_LABELS = "_report._dmarc"
+
+# The record tag a destination was published in.
+ReportTag = Literal["rua", "ruf"]
 
 # The list separator allows WSP around ","; CR and LF are stripped too, in
 # case a stored value was folded.
@@ -78,8 +88,11 @@ class Verification:
 # -- rua parsing ---------------------------------------------------------------------------
 
 
-def parse_rua(rua: str, max_uris: int) -> tuple[tuple[Destination, ...], tuple[str, ...]]:
-    """The ``rua`` tag value -> the usable destinations, and the problems.
+def parse_rua(
+    rua: str, max_uris: int, tag: ReportTag = "rua"
+) -> tuple[tuple[Destination, ...], tuple[str, ...]]:
+    """The ``rua`` (or, with ``tag="ruf"``, ``ruf``) tag value -> the usable
+    destinations, and the problems, which name ``tag``.
 
     ``rua`` is the comma-separated URI list as published or as stored (it may
     be empty).  The destinations are the usable ``mailto:`` URIs in published
@@ -100,14 +113,14 @@ def parse_rua(rua: str, max_uris: int) -> tuple[tuple[Destination, ...], tuple[s
         uri = item.strip(_WSP)
         dest, error = _parse_uri(uri)
         if dest is None:
-            problems.append(f"rua: {error}: {_show(uri)} ignored")
+            problems.append(f"{tag}: {error}: {_show(uri)} ignored")
             continue
         key = (dest.address.rpartition("@")[0], dest.host)
         if key in seen:
-            problems.append(f"rua: duplicate address {_show(dest.address)} ignored")
+            problems.append(f"{tag}: duplicate address {_show(dest.address)} ignored")
             continue
         if len(found) >= max_uris:
-            problems.append(f"rua: more than {max(max_uris, 0)} URIs: {_show(uri)} ignored")
+            problems.append(f"{tag}: more than {max(max_uris, 0)} URIs: {_show(uri)} ignored")
             continue
         seen.add(key)
         found.append(dest)
@@ -176,11 +189,15 @@ def _verdict(status: VerificationStatus, dest: Destination | None, detail: str) 
 
 
 def verify_destination(
-    policy_domain: str, destination: Destination, discoverer: Discoverer
+    policy_domain: str, destination: Destination, discoverer: Discoverer, tag: ReportTag = "rua"
 ) -> Verification:
     """May the report about ``policy_domain`` go to ``destination``?
 
-    ``policy_domain`` is the name whose ``_dmarc`` record carried the rua
+    ``tag`` is the tag the destination was published in: the override of
+    step 7 is read from that tag of the authorizing record, so an aggregate
+    override never redirects failure reports, nor the reverse.
+
+    ``policy_domain`` is the name whose ``_dmarc`` record carried the URI
     (digest §6.4: "the domain where the policy record was found").  The
     answer is a result, never an exception: REFUSED means send nothing to
     this URI (final for this report), DEFERRED means a DNS lookup failed
@@ -256,7 +273,7 @@ def verify_destination(
             VerificationStatus.REFUSED, None, f"not authorized: no v=DMARC1 record at {qname}"
         )
 
-    # Step 7: authorized; a rua tag in the record may replace the URI, only
+    # Step 7: authorized; a rua (ruf) tag in the record may replace the URI, only
     # with one on the same host, else neither URI gets the report.
     # [impl choice] One destination stays one destination: only the first
     # usable mailto URI of an override counts, so a DNS answer can redirect
@@ -271,8 +288,9 @@ def verify_destination(
     # is taken, so the choice is the same on every run.
     overrides: list[Destination] = []
     for text in records:
-        rua = parse_record(text).rua
-        chosen, _ = parse_rua(",".join(rua), 1)
+        record = parse_record(text)
+        uris = record.ruf if tag == "ruf" else record.rua
+        chosen, _ = parse_rua(",".join(uris), 1, tag)
         if not chosen:
             continue
         override = chosen[0]
@@ -280,7 +298,7 @@ def verify_destination(
             return _verdict(
                 VerificationStatus.REFUSED,
                 None,
-                f"{qname} overrides rua with {_show(override.uri)} on another host: "
+                f"{qname} overrides {tag} with {_show(override.uri)} on another host: "
                 "sending to neither",
             )
         overrides.append(override)

@@ -127,7 +127,7 @@ class FailureReportDue:
 
 def usable_ruf(record: DMARCRecord) -> tuple[Destination, ...]:
     """The ``mailto:`` destinations of the record's ``ruf``, by the rua rule."""
-    destinations, _problems = parse_rua(",".join(record.ruf), MAX_RUF_URIS)
+    destinations, _problems = parse_rua(",".join(record.ruf), MAX_RUF_URIS, "ruf")
     return destinations
 
 
