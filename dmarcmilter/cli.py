@@ -560,7 +560,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"{span}: {stats.domains} domain(s), {stats.reports_generated} report(s) "
                 f"generated ({stats.domains_already_done} domain(s) already done); "
                 f"{stats.sent} sent, {stats.retry_later} to retry, {stats.failed} failed, "
-                f"{stats.refused} not authorized, {stats.rate_limited} held by the rate limit"
+                f"{stats.refused} not authorized, {stats.rate_limited} held by the rate limit, "
+                f"{stats.suppressed} suppressed"
             )
     return EXIT_OK
 

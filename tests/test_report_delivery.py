@@ -309,12 +309,49 @@ def test_5xx_on_rcpt_is_permfail_and_the_connection_goes_on(relay: Relay) -> Non
     with SMTPTransport(relay.settings()) as transport:
         result = transport.send(SENDER, RCPT, report())
         assert result == DeliveryResult(
-            DeliveryOutcome.PERMFAIL, f"550 5.1.1 no such user ({HOST}:{relay.port})"
+            DeliveryOutcome.PERMFAIL,
+            f"550 5.1.1 no such user ({HOST}:{relay.port})",
+            recipient_refused=True,
         )
         relay.handler.rcpt_reply = None
         assert transport.send(SENDER, RCPT, report()).outcome is DeliveryOutcome.SENT
     assert relay.connections == 1
     assert relay.handler.rsets == 1
+
+
+@pytest.mark.parametrize(
+    ("rcpt_reply", "data_reply", "outcome", "refused"),
+    [
+        # The mailbox is gone or unusable: a hard bounce of the destination.
+        ("550 5.1.1 no such user", None, DeliveryOutcome.PERMFAIL, True),
+        ("553 5.1.3 bad destination mailbox syntax", None, DeliveryOutcome.PERMFAIL, True),
+        ("551 5.1.10 null MX", None, DeliveryOutcome.PERMFAIL, True),
+        ("550 5.2.1 mailbox disabled", None, DeliveryOutcome.PERMFAIL, True),
+        ("550 no such user here", None, DeliveryOutcome.PERMFAIL, True),
+        # About us, the relay or the message, not the mailbox: a failed
+        # report, but no reason to suppress the destination.
+        ("554 5.7.1 Relay access denied", None, DeliveryOutcome.PERMFAIL, False),
+        ("550 5.7.1 our policy says no", None, DeliveryOutcome.PERMFAIL, False),
+        ("553 5.1.8 sender domain does not exist", None, DeliveryOutcome.PERMFAIL, False),
+        ("552 5.2.3 message too large", None, DeliveryOutcome.PERMFAIL, False),
+        ("554 transaction failed", None, DeliveryOutcome.PERMFAIL, False),
+        ("530 5.7.0 Must issue a STARTTLS command first", None, DeliveryOutcome.TEMPFAIL, False),
+        ("450 4.1.1 mailbox busy", None, DeliveryOutcome.TEMPFAIL, False),
+        (None, "550 5.1.1 no such user", DeliveryOutcome.PERMFAIL, False),
+    ],
+)
+def test_only_a_permanent_refusal_of_the_mailbox_is_a_hard_bounce(
+    relay: Relay,
+    rcpt_reply: str | None,
+    data_reply: str | None,
+    outcome: DeliveryOutcome,
+    refused: bool,
+) -> None:
+    relay.handler.rcpt_reply = rcpt_reply
+    relay.handler.data_reply = data_reply
+    with SMTPTransport(relay.settings()) as transport:
+        result = transport.send(SENDER, RCPT, report())
+    assert (result.outcome, result.recipient_refused) == (outcome, refused)
 
 
 def test_no_server_is_tempfail() -> None:

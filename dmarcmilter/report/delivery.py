@@ -21,7 +21,11 @@ TEMPFAIL covers everything that is not the fault of this message or recipient
 (4xx replies, network and TLS trouble, a rejected login, a broken local
 sendmail), so a report survives until the problem is fixed; PERMFAIL is kept
 for 5xx replies to the transaction (MAIL, RCPT, DATA) and the sendmail exit
-codes that mean the same.
+codes that mean the same.  Of those, only a 5xx reply to RCPT that is about
+the mailbox marks the result :attr:`DeliveryResult.recipient_refused`: that
+one, unlike a refused sender or message, says the destination is dead, and
+the outbox counts it as a hard bounce (digest §6.3, bounce-driven
+suppression).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import contextlib
 import enum
 import ipaddress
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -44,6 +49,16 @@ from .mail import normalize_address
 
 STARTTLS_MODES = ("opportunistic", "required", "off")
 MAX_DETAIL = 500  # characters of a server reply or error kept in a result
+# RFC 3463 enhanced status codes that are about the recipient's mailbox: X.1.X
+# addressing status (but X.1.7 and X.1.8, the sender's) and X.2.1 (disabled)
+# and X.2.2 (full).  A 5.7.X (relay denied, policy) or 5.3.X (the relay's own
+# trouble) says something about us or the relay; counting it would let one
+# misconfigured smarthost suppress every destination.
+_RECIPIENT_STATUS_RE = re.compile(rb"5\.(?:1\.(?!7\b|8\b)[0-9]{1,3}|2\.[12])(?![0-9.])")
+_ENHANCED_STATUS_RE = re.compile(rb"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?![0-9.])")
+# Without an enhanced status code: RFC 5321's "mailbox unavailable", "user
+# not local" and "mailbox name not allowed".
+_RECIPIENT_CODES = frozenset({550, 551, 553})
 
 
 class DeliveryOutcome(enum.Enum):
@@ -61,6 +76,9 @@ class DeliveryResult:
     # One line: the server reply or the error, with where it came from, e.g.
     # "550 5.1.1 no such user (smtp.example:25)".
     detail: str
+    # The relay refused this recipient for good (a 5xx to RCPT about the
+    # mailbox): a hard bounce of the destination, not only a failed report.
+    recipient_refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +322,10 @@ class SMTPTransport(_Closing):
             code, reply = smtp.rcpt(recipient)
             if 200 <= code < 300:
                 code, reply = smtp.data(message)
+            elif _refuses_recipient(code, reply):
+                return DeliveryResult(
+                    DeliveryOutcome.PERMFAIL, self._detail(code, reply), recipient_refused=True
+                )
         if code == 421:
             self._drop()  # the relay is closing the connection (RFC 5321 §3.8)
         return self._reply(code, reply)
@@ -342,6 +364,17 @@ class SMTPTransport(_Closing):
         if smtp is not None:
             with contextlib.suppress(Exception):
                 smtp.close()
+
+
+def _refuses_recipient(code: int, reply: bytes | str) -> bool:
+    """Whether a reply to RCPT says this mailbox is permanently unusable."""
+    if not 500 <= code < 600 or code == 530:
+        return False
+    text = reply.encode("utf-8", "replace") if isinstance(reply, str) else reply
+    enhanced = _ENHANCED_STATUS_RE.match(text.lstrip())
+    if enhanced is not None:
+        return _RECIPIENT_STATUS_RE.fullmatch(enhanced.group()) is not None
+    return code in _RECIPIENT_CODES
 
 
 def _tls_context(settings: SMTPSettings) -> ssl.SSLContext:

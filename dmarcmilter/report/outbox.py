@@ -10,7 +10,12 @@ delivery).  Right before sending, the destination is verified (RFC 9990
 stops reports queued before it was revoked.  Every attempt is recorded.
 
 The per-destination rate limit keeps a reporter from becoming a source of
-unwanted mail to one domain, whatever its records ask for.  Nothing here
+unwanted mail to one domain, whatever its records ask for.  The suppression
+list (:mod:`~dmarcmilter.report.suppression`) is asked before anything else,
+DNS included: a suppressed destination gets no mail and no query, and its
+delivery is settled as SUPPRESSED, not retried.  A relay refusing a
+recipient for good counts as a hard bounce of that address, so a dead
+destination suppresses itself after ``report.suppress_after_bounces``.  Nothing here
 knows what a report holds: the caller composes the mail, so aggregate and
 failure reports share this code.
 """
@@ -20,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,10 +34,18 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..config import Config, ReportConfig
 from ..discovery import Discoverer, DiscoveryMethod, load_psl
-from ..errors import ConfigError
+from ..errors import ConfigError, DatabaseError, InputError
 from ..history.models import ReportAttemptRow, ReportDeliveryRow, ReportRow
 from ..resolver import Resolver
-from .delivery import DeliveryOutcome, SendmailTransport, SMTPSettings, SMTPTransport, Transport
+from . import suppression
+from .delivery import (
+    DeliveryOutcome,
+    DeliveryResult,
+    SendmailTransport,
+    SMTPSettings,
+    SMTPTransport,
+    Transport,
+)
 from .destinations import Destination, VerificationStatus, parse_rua, verify_destination
 
 log = logging.getLogger(__name__)
@@ -47,12 +60,19 @@ ATTEMPTS = cast(Table, ReportAttemptRow.__table__)
 FIRST_RETRY_DELAY = dt.timedelta(minutes=15)
 MAX_RETRY_DELAY = dt.timedelta(hours=6)
 RATE_WINDOW = dt.timedelta(hours=1)
+# Deliveries whose addresses are checked against the suppression list in
+# one query.  Each address brings its domain and parent domains into the
+# query, so this keeps the bound parameters well under every database's
+# limit (SQLite 32766, PostgreSQL 65535); a longer queue takes more queries.
+SUPPRESSION_BATCH = 200
 
 # Delivery states (report_deliveries.status).
 PENDING = "pending"
 SENT = "sent"
 REFUSED = "refused"
 FAILED = "failed"
+# On the suppression list when it was due: never sent, never retried.
+SUPPRESSED = "suppressed"
 
 
 @dataclass
@@ -64,6 +84,8 @@ class DeliveryStats:
     failed: int = 0
     refused: int = 0
     rate_limited: int = 0
+    suppressed: int = 0
+    hard_bounces: int = 0  # recipients the relay refused for good
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,24 +223,43 @@ class Outbox:
     clock: Callable[[], dt.datetime]
     host: str  # recorded with each attempt
     stats: DeliveryStats
+    # Addresses found suppressed in this run, each logged once, with the
+    # entry that suppresses it (hard bounces of this run add to it).
+    _suppressed: dict[str, suppression.Suppression] = field(default_factory=dict, init=False)
 
     def deliver(self, renew: Callable[[], None] | None = None) -> None:
-        """Send every delivery that is due; ``renew`` keeps the run's lease."""
+        """Send every delivery that is due; ``renew`` keeps the run's lease.
+
+        The suppression list is read for SUPPRESSION_BATCH deliveries at a
+        time, right before they are sent; a database error there stops the
+        run (DatabaseError) rather than send to a destination that may be
+        suppressed."""
         deliveries = DELIVERIES
         now = self.clock()
         with self.engine.connect() as conn:
             due = conn.execute(
-                select(deliveries.c.id)
+                select(deliveries.c.id, deliveries.c.address)
                 .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= now)
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             ).all()
         limit = DestinationRateLimit(self.engine, self.rate_limit_per_hour, self.clock)
-        for (delivery_id,) in due:
-            if renew is not None:
-                renew()
-            self._deliver_one(delivery_id, limit)
+        for start in range(0, len(due), SUPPRESSION_BATCH):
+            batch = due[start : start + SUPPRESSION_BATCH]
+            listed = suppression.suppressed_by(
+                self.engine, sorted({str(address) for _, address in batch}), now=self.clock()
+            )
+            for delivery_id, address in batch:
+                if renew is not None:
+                    renew()
+                entry = self._suppressed.get(str(address).lower()) or listed.get(str(address))
+                self._deliver_one(delivery_id, limit, entry)
 
-    def _deliver_one(self, delivery_id: int, limit: DestinationRateLimit) -> None:
+    def _deliver_one(
+        self,
+        delivery_id: int,
+        limit: DestinationRateLimit,
+        entry: suppression.Suppression | None,
+    ) -> None:
         deliveries = DELIVERIES
         reports = REPORTS
         with self.engine.connect() as conn:
@@ -241,6 +282,11 @@ class Outbox:
             ).first()
         if row is None:
             return  # settled meanwhile
+        if entry is not None:
+            # Before the rate limit and before DNS: a suppressed destination
+            # costs nothing, and is not left due for a later run.
+            self._suppress(delivery_id, row, row.address, entry)
+            return
         if not limit.allows(row.destination_domain):
             # Left due: the next run sends it, once the hour has room.
             self.stats.rate_limited += 1
@@ -259,6 +305,15 @@ class Outbox:
             self.stats.refused += 1
             return
         address = verification.destination.address
+        if address != row.address:
+            # An override of the verified destination, on the same host: a
+            # domain entry covered it already, an address entry may not have.
+            override_entry = self._suppressed.get(address.lower()) or suppression.is_suppressed(
+                self.engine, address, now=self.clock()
+            )
+            if override_entry is not None:
+                self._suppress(delivery_id, row, address, override_entry)
+                return
         report = StoredReport(
             report_id=row.report_id,
             policy_domain=row.policy_domain,
@@ -285,8 +340,51 @@ class Outbox:
             self._settle(delivery_id, row.attempts, FAILED, "permfail", result.detail, address)
             self.stats.failed += 1
             log.warning("report %s to %s failed: %s", row.report_id, address, result.detail)
+            if result.recipient_refused:
+                self._hard_bounce(address, result)
         else:
             self._retry(delivery_id, row, "tempfail", result.detail)
+
+    def _suppress(
+        self, delivery_id: int, row: Any, address: str, entry: suppression.Suppression
+    ) -> None:
+        """Settle a delivery to a suppressed address: not sent, not retried."""
+        expires = entry.expires_at.isoformat() if entry.expires_at is not None else "never"
+        detail = f"suppressed by {entry.target} ({entry.source.value}, expires {expires})"
+        if entry.reason:
+            detail += f": {entry.reason}"
+        self._settle(delivery_id, row.attempts, SUPPRESSED, "suppressed", detail, address)
+        self.stats.suppressed += 1
+        key = address.lower()
+        if key not in self._suppressed:
+            self._suppressed[key] = entry
+            log.info("reports to %s are suppressed: %s", address, detail)
+
+    def _hard_bounce(self, address: str, result: DeliveryResult) -> None:
+        """Count a relay's permanent refusal of ``address``; once that
+        suppresses it, the rest of this run skips it too."""
+        self.stats.hard_bounces += 1
+        try:
+            entry = suppression.record_hard_bounce(
+                self.engine,
+                address,
+                f"refused by the smarthost: {result.detail}",
+                suppression.BounceRule.from_config(self.config),
+                source=suppression.SuppressionSource.SMARTHOST,
+                now=self.clock(),
+            )
+        except (DatabaseError, InputError) as exc:
+            # The delivery is settled already; the next refusal counts again.
+            log.warning("cannot count the hard bounce of %s: %s", address, exc)
+            return
+        if entry.active(self.clock()):
+            self._suppressed.setdefault(address.lower(), entry)
+            log.info(
+                "reports to %s suppressed after %d hard bounces, until %s",
+                address,
+                entry.bounces,
+                entry.expires_at.isoformat() if entry.expires_at is not None else "never",
+            )
 
     def _discoverer(self) -> Discoverer:
         if self.resolver is None:
@@ -358,6 +456,8 @@ __all__ = [
     "FIRST_RETRY_DELAY",
     "MAX_RETRY_DELAY",
     "RATE_WINDOW",
+    "SUPPRESSED",
+    "SUPPRESSION_BATCH",
     "Compose",
     "DeliveryStats",
     "DestinationRateLimit",
