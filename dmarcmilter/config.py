@@ -248,8 +248,9 @@ class ReportConfig:
     smtp_timeout: float = _opt(30.0, minimum=1, maximum=600)
     sendmail_path: str = "/usr/sbin/sendmail"
     # Hard bounces of a report address (a delivery status notification
-    # with Action: failed and a 5.x.x Status, or a 5xx reply of the
-    # smarthost) after which it gets no more reports, for suppress_days.
+    # with Action: failed and a 5.x.x Status, or the smarthost's 5xx reply
+    # to RCPT about the mailbox) after which it gets no more reports, for
+    # suppress_days.
     # The count starts again after suppress_days without a hard bounce.
     suppress_after_bounces: int = _opt(3, minimum=1, maximum=1000)
     suppress_days: int = _opt(30, minimum=1, maximum=3650)

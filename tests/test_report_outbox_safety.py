@@ -264,3 +264,26 @@ def test_a_suppression_list_that_cannot_be_read_sends_nothing(
         report_job.deliver()
     assert sink.rcpts == []
     assert statuses(engine) == {"dmarc@one.example": ["pending"]}
+
+
+@SQLITE_ONLY
+def test_a_suppressed_override_address_gets_nothing(
+    migrated: str, engine: Engine, dns_server: TestDNSServer, resolver: Resolver, sink: RefusingSink
+) -> None:
+    # The destination authorizes the report but redirects it to another
+    # address on its host; that address is on the list.
+    dns_server.set_zone(
+        {
+            "_dmarc.bar.example.com": [("TXT", "v=DMARC1; p=none")],
+            "_dmarc.reports.example.net": [("TXT", "v=DMARC1; p=none")],
+            "bar.example.com._report._dmarc.reports.example.net": [
+                ("TXT", "v=DMARC1; rua=mailto:other@reports.example.net")
+            ],
+        }
+    )
+    suppression.add(engine, "other@reports.example.net", "dead", expires=None, now=RUN_AT)
+    store(engine, reporting(("bar.example.com", "agg@reports.example.net")), NOON)
+    stats = job(make_config(migrated, sink), engine, resolver, Clock(RUN_AT)).run(day(0)[0])
+    assert (stats.sent, stats.suppressed) == (0, 1)
+    assert sink.rcpts == []
+    assert statuses(engine) == {"other@reports.example.net": ["suppressed"]}

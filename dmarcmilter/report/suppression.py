@@ -8,7 +8,8 @@ domain and every name under it, so that an abusive destination cannot
 escape its entry by moving to a new subdomain.  An entry is added by hand
 (``dmarcmilter suppress add``) or after ``report.suppress_after_bounces``
 hard bounces of an address: a delivery status notification (RFC 3464) with
-``Action: failed`` and a 5.x.x Status, or a 5xx reply of the smarthost.
+``Action: failed`` and a 5.x.x Status, or the smarthost's 5xx reply to RCPT
+about the mailbox (:attr:`.delivery.DeliveryResult.recipient_refused`).
 
 [impl choice] Addresses are compared case-insensitively, local part
 included: RFC 5321 §2.4 lets a server distinguish case in local parts, but
