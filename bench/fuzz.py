@@ -61,13 +61,11 @@ import sys
 import tempfile
 import time
 import traceback
-import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import dns.name
 import Milter
 
 from dmarcmilter.arc import MAX_ARC_SETS, verify_arc
@@ -87,6 +85,7 @@ from dmarcmilter.record import DMARCRecord, RecordStatus, parse_record
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from dmarcmilter.results import ARCOutcome, ARCResultCode, AuthorStatus, DKIMOutcome, DKIMResultCode
 from tests.dnsserver import TestDNSServer
+from tests.hostile import named_in
 from tests.inprocess import MilterContext
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
@@ -358,19 +357,6 @@ def check(condition: bool, what: str, kind: str | None = None) -> None:
         raise Invariant(what, kind or what)
 
 
-def _named_in(domain: str, text: str) -> bool:
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    try:
-        unicode_labels = dns.name.from_text(domain).to_unicode(omit_final_dot=True).split(".")
-    except dns.name.IDNAException:
-        # An "xn--" label that is not valid Punycode passes as plain LDH.
-        unicode_labels = domain.split(".")
-    return all(
-        a in folded or unicodedata.normalize("NFKC", u).casefold() in folded
-        for a, u in zip(domain.split("."), unicode_labels, strict=True)
-    )
-
-
 def run_from(values: list[str]) -> None:
     result = extract_author([("From", v) for v in values])
     check(result.reason.isprintable(), "reason not printable")
@@ -378,7 +364,7 @@ def run_from(values: list[str]) -> None:
         check(len(values) == 1 and result.domain is not None, "OK without one domain")
         assert result.domain is not None
         check(normalize_domain(result.domain) == result.domain, "domain not normalised")
-        check(_named_in(result.domain, values[0]), f"{result.domain} not in the field", "domain")
+        check(named_in(result.domain, values[0]), f"{result.domain} not in the field", "domain")
     else:
         check(result.domain is None, "a domain with a failure status")
 

@@ -180,6 +180,14 @@ def _reply(code: str, enhanced: str, template: str, domain: str) -> SMTPReply:
     return SMTPReply(code, enhanced, safe_reply_text(template.format(domain=domain)))
 
 
+def _unevaluable(text: str) -> Decision:
+    """A rejection of a From field DMARC cannot be evaluated for: no
+    disposition, since no policy was applied."""
+    return Decision(
+        Disposition.NONE, Action.REJECT, reply=SMTPReply("550", "5.7.1", safe_reply_text(text))
+    )
+
+
 def decide(
     evaluation: Evaluation, config: PolicyConfig, context: LocalContext | None = None
 ) -> Decision:
@@ -211,32 +219,18 @@ def _enforce(evaluation: Evaluation, config: PolicyConfig) -> Decision:
     # "reject" refuses the message, "accept" delivers it with dmarc=permerror.
     if not evaluation.author.status.in_scope and config.out_of_scope == "reject":
         reason = evaluation.author.reason or "the From field is not usable"
-        return Decision(
-            Disposition.NONE,
-            Action.REJECT,
-            reply=SMTPReply(
-                "550",
-                "5.7.1",
-                safe_reply_text(
-                    f"Message rejected: DMARC cannot be evaluated ({reason}); "
-                    "the From field must name exactly one author domain"
-                ),
-            ),
+        return _unevaluable(
+            f"Message rejected: DMARC cannot be evaluated ({reason}); "
+            "the From field must name exactly one author domain"
         )
     if domain is None:
         if evaluation.author.recovery_incomplete and config.out_of_scope == "evaluate":
             # More author domains than are evaluated, none of them with an
             # enforcing policy: an unevaluated one may be the victim's, and
             # there is no policy to apply in its place (fail closed).
-            return Decision(
-                Disposition.NONE,
-                Action.REJECT,
-                reply=SMTPReply(
-                    "550",
-                    "5.7.1",
-                    "Message rejected: the From field names more author domains "
-                    "than DMARC is evaluated for",
-                ),
+            return _unevaluable(
+                "Message rejected: the From field names more author domains "
+                "than DMARC is evaluated for"
             )
         return ACCEPT
 

@@ -13,17 +13,36 @@ The test modules ``tests/test_hostile_*.py`` each hold one class of attack.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dns.name
+
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
 from tests.milterclient import ALL_ACTIONS, EndOfMessage, MacroValues, MilterClient
+from tests.signing import dkim_zone
 
 GOLDEN_HOSTILE = Path(__file__).resolve().parent / "golden" / "hostile"
 
 Start = Callable[..., MilterDaemon]
+
+ATTACKER_IP = "203.0.113.66"
+# A victim with p=reject (bank.example, and bank.net under the same TLD as
+# attacker.net), and an attacker whose SPF and DKIM pass for his own names.
+VICTIM_ZONE: dict[str, Any] = {
+    "bank.example": [("A", "192.0.2.80")],
+    "_dmarc.bank.example": [("TXT", "v=DMARC1; p=reject")],
+    "bank.net": [("A", "192.0.2.81")],
+    "_dmarc.bank.net": [("TXT", "v=DMARC1; p=reject")],
+    "attacker.example": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
+    "attacker.net": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
+    **dkim_zone("attacker.example", "a1"),
+    **dkim_zone("attacker.net", "a1"),
+    **dkim_zone("bank.example", "s1"),
+}
 
 
 def daemons(tmp_path: Path, dns_server: TestDNSServer, zone: dict[str, Any]) -> Iterator[Start]:
@@ -47,6 +66,33 @@ def daemons(tmp_path: Path, dns_server: TestDNSServer, zone: dict[str, Any]) -> 
             daemon.stop()
 
 
+def send(client: MilterClient, message: bytes, sender: str, queue_id: str) -> EndOfMessage:
+    """One message on a session already past HELO, with its queue id."""
+    return client.send_message(
+        message,
+        sender=sender,
+        recipients=["user@receiver.example"],
+        macros_mail={"i": queue_id},
+        macros_eom={"i": queue_id},
+    )
+
+
+def named_in(domain: str, text: str) -> bool:
+    """Whether every label of ``domain`` (an A-label name) appears in
+    ``text``, as written or as its U-label, up to case and compatibility
+    mapping (what IDNA's UTS #46 mapping may do to it)."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    try:
+        unicode_labels = dns.name.from_text(domain).to_unicode(omit_final_dot=True).split(".")
+    except dns.name.IDNAException:
+        # An "xn--" label that is not valid Punycode passes as plain LDH.
+        unicode_labels = domain.split(".")
+    return all(
+        a in folded or unicodedata.normalize("NFKC", u).casefold() in folded
+        for a, u in zip(domain.split("."), unicode_labels, strict=True)
+    )
+
+
 def one_message(
     daemon: MilterDaemon,
     message: bytes,
@@ -65,13 +111,7 @@ def one_message(
         client.negotiate(actions=actions)
         client.connect(hostname if hostname is not None else helo, ip, macros=connect_macros)
         client.helo(helo)
-        return client.send_message(
-            message,
-            sender=sender,
-            recipients=["user@receiver.example"],
-            macros_mail={"i": queue_id},
-            macros_eom={"i": queue_id},
-        )
+        return send(client, message, sender, queue_id)
     finally:
         client.quit()
         client.close()

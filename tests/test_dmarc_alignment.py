@@ -15,7 +15,6 @@ names were asked, and in what order.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 import pytest
 
@@ -27,23 +26,12 @@ from dmarcmilter.record import AlignmentMode
 from dmarcmilter.resolver import Resolver, ResolverSettings
 from dmarcmilter.results import ARCResultCode, DKIMResultCode, SPFResultCode
 from tests.dnsserver import TestDNSServer
+from tests.hostile import ATTACKER_IP
+from tests.hostile import VICTIM_ZONE as VICTIM
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, tzinfo=dt.UTC)
-ATTACKER_IP = "203.0.113.66"
 RELAXED, STRICT = AlignmentMode.RELAXED, AlignmentMode.STRICT
-
-VICTIM: dict[str, Any] = {
-    "bank.example": [("A", "192.0.2.80")],
-    "_dmarc.bank.example": [("TXT", "v=DMARC1; p=reject")],
-    "bank.net": [("A", "192.0.2.81")],
-    "_dmarc.bank.net": [("TXT", "v=DMARC1; p=reject")],
-    "attacker.example": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
-    "attacker.net": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
-    **dkim_zone("attacker.example", "a1"),
-    **dkim_zone("attacker.net", "a1"),
-    **dkim_zone("bank.example", "s1"),
-}
 
 
 # -- the rule itself, without DNS -------------------------------------------------------------

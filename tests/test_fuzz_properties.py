@@ -15,11 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import socket
-import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
-import dns.name
 import Milter
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -58,6 +56,7 @@ from dmarcmilter.results import (
     SPFScope,
 )
 from tests.dnsserver import TestDNSServer
+from tests.hostile import named_in
 from tests.inprocess import MilterContext as _Context
 
 # Deterministic (derandomize), no example database, no per-example deadline
@@ -156,22 +155,6 @@ _FROM_TEXT = st.one_of(
 _HEADER_NAMES = st.sampled_from(["From", "from", "FROM", "From ", "To", "Sender", "Reply-To"])
 
 
-def _named_in(domain: str, text: str) -> bool:
-    """Whether every label of ``domain`` (an A-label name) appears in
-    ``text``, as written or as its U-label, up to case and compatibility
-    mapping (what IDNA's UTS #46 mapping may do to it)."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    try:
-        unicode_labels = dns.name.from_text(domain).to_unicode(omit_final_dot=True).split(".")
-    except dns.name.IDNAException:
-        # An "xn--" label that is not valid Punycode passes as plain LDH.
-        unicode_labels = domain.split(".")
-    return all(
-        a in folded or unicodedata.normalize("NFKC", u).casefold() in folded
-        for a, u in zip(domain.split("."), unicode_labels, strict=True)
-    )
-
-
 @settings(FUZZ, max_examples=700)
 @given(st.lists(st.tuples(_HEADER_NAMES, _FROM_TEXT), max_size=3))
 def test_author_extraction_never_raises_and_invents_nothing(
@@ -186,7 +169,7 @@ def test_author_extraction_never_raises_and_invents_nothing(
         assert len(values) == 1
         assert result.domain is not None
         assert normalize_domain(result.domain) == result.domain
-        assert _named_in(result.domain, values[0])
+        assert named_in(result.domain, values[0])
     else:
         assert result.domain is None
         assert result.reason
@@ -702,10 +685,10 @@ def test_milter_callbacks_in_any_order(
 
 def test_domain_check_helper() -> None:
     # The helper the From property relies on: it must be able to say no.
-    assert _named_in("victim.example", "ceo@Victim.Example")
-    assert _named_in("xn--bcher-kva.example", "a@BÜCHER.example")
-    assert not _named_in("victim.example", "ceo@attacker.example")
-    assert _named_in("xn--bcher-kv", "a@xn--bcher-kv")
+    assert named_in("victim.example", "ceo@Victim.Example")
+    assert named_in("xn--bcher-kva.example", "a@BÜCHER.example")
+    assert not named_in("victim.example", "ceo@attacker.example")
+    assert named_in("xn--bcher-kv", "a@xn--bcher-kv")
 
 
 # -- crash inputs the fuzzers found, kept as regression tests --------------------------------

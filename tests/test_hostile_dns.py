@@ -22,40 +22,27 @@ import pytest
 
 from tests.daemon import MilterDaemon
 from tests.dnsserver import TestDNSServer
-from tests.hostile import Start, check_golden, daemons, one_message, outcome_text
+from tests.hostile import (
+    ATTACKER_IP,
+    VICTIM_ZONE,
+    Start,
+    check_golden,
+    daemons,
+    one_message,
+    outcome_text,
+    send,
+)
 from tests.milterclient import EndOfMessage, MilterClient
 from tests.signing import arc_seal, dkim_sign, dkim_zone, make_message
 
-ATTACKER_IP = "203.0.113.66"
 HELO = "mx.attacker.example"
 
-ZONE: dict[str, Any] = {
-    "bank.example": [("A", "192.0.2.80")],
-    "_dmarc.bank.example": [("TXT", "v=DMARC1; p=reject")],
-    "bank.net": [("A", "192.0.2.81")],
-    "_dmarc.bank.net": [("TXT", "v=DMARC1; p=reject")],
-    "attacker.example": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
-    "attacker.net": [("TXT", "v=spf1 ip4:203.0.113.0/24 -all")],
-    **dkim_zone("attacker.example", "a1"),
-    **dkim_zone("attacker.net", "a1"),
-    **dkim_zone("bank.example", "s1"),
-    **dkim_zone("mail.bank.example", "s1"),
-}
+ZONE: dict[str, Any] = {**VICTIM_ZONE, **dkim_zone("mail.bank.example", "s1")}
 
 
 @pytest.fixture
 def start(tmp_path: Path, dns_server: TestDNSServer) -> Iterator[Start]:
     yield from daemons(tmp_path, dns_server, ZONE)
-
-
-def send(client: MilterClient, message: bytes, sender: str, queue_id: str) -> EndOfMessage:
-    return client.send_message(
-        message,
-        sender=sender,
-        recipients=["user@receiver.example"],
-        macros_mail={"i": queue_id},
-        macros_eom={"i": queue_id},
-    )
 
 
 def one(daemon: MilterDaemon, message: bytes, sender: str = "x@attacker.example") -> EndOfMessage:

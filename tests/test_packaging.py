@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -146,3 +147,20 @@ def test_a_missing_driver_is_one_line_naming_the_extra(
         f"dmarcmilter {' '.join(command)}: error: database.url needs the database driver "
         f"{module!r}, which is not installed: pip install 'dmarcmilter[{extra}]'\n"
     )
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """CI runs exactly what a new user types: the Quick start's test command,
+    word for word, as the last command of .ci/run."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") :].split("\n## ", 1)[0]
+    block = quick_start.split("```sh\n", 1)[1].split("```", 1)[0]
+    (test_command,) = [
+        line.split("#", 1)[0].strip()
+        for line in block.splitlines()
+        if "test suite" in line.split("#", 1)[-1]
+    ]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = [line.strip() for line in ci if line.strip() and not line.startswith("#")]
+    assert commands[-1] == test_command == "./dev.sh test"
+    assert os.access(ROOT / ".ci" / "run", os.X_OK) and os.access(ROOT / "dev.sh", os.X_OK)
