@@ -83,7 +83,7 @@ def schema_diffs(url: str) -> list[Any]:
 def test_migrations_from_empty_sqlite_match_models(url: str) -> None:
     db.upgrade(url)
     assert schema_diffs(url) == []
-    assert db.schema_status(url) == ("0003", "0003")
+    assert db.schema_status(url) == ("0004", "0004")
     db.check_schema(url)
 
 
@@ -109,7 +109,7 @@ def test_sqlite_connections_are_set_up(url: str) -> None:
 
 def test_upgrade_is_idempotent(migrated: str) -> None:
     db.upgrade(migrated)
-    assert db.schema_status(migrated) == ("0003", "0003")
+    assert db.schema_status(migrated) == ("0004", "0004")
 
 
 def test_indexes_and_cascades(migrated: str) -> None:
@@ -135,7 +135,7 @@ def test_indexes_and_cascades(migrated: str) -> None:
 
 def test_downgrade_to_empty_and_back(migrated: str) -> None:
     command.downgrade(db.alembic_config(migrated), "base")
-    assert db.schema_status(migrated) == (None, "0003")
+    assert db.schema_status(migrated) == (None, "0004")
     db.upgrade(migrated)
     assert schema_diffs(migrated) == []
 
@@ -158,7 +158,7 @@ def test_suppressions_table(migrated: str) -> None:
 
 def test_upgrade_from_0002_adds_suppressions_and_keeps_rows(migrated: str) -> None:
     command.downgrade(db.alembic_config(migrated), "0002")
-    assert db.schema_status(migrated) == ("0002", "0003")
+    assert db.schema_status(migrated) == ("0002", "0004")
     engine = db.make_engine(migrated)
     try:
         assert "suppressions" not in inspect(engine).get_table_names()
@@ -273,7 +273,7 @@ def test_check_schema_on_empty_database(url: str, tmp_path: Path) -> None:
     with pytest.raises(SchemaError) as info:
         db.check_schema(url)
     assert str(info.value) == (
-        "database schema is at nothing (empty database), this dmarcmilter needs 0003: "
+        "database schema is at nothing (empty database), this dmarcmilter needs 0004: "
         "run `dmarcmilter db upgrade`"
     )
     # Asking did not create the file.
@@ -291,7 +291,7 @@ def test_check_schema_on_unknown_revision(migrated: str) -> None:
         engine.dispose()
     with pytest.raises(
         SchemaError,
-        match=r"^database schema is at 0000, this dmarcmilter needs 0003: "
+        match=r"^database schema is at 0000, this dmarcmilter needs 0004: "
         r"run `dmarcmilter db upgrade`$",
     ):
         db.check_schema(migrated)
@@ -551,12 +551,12 @@ def test_cli_upgrade_status_prune(tmp_path: Path) -> None:
     assert "Schema revision: - (empty database)" in proc.stdout
     proc = cli("upgrade", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"{url}: schema upgraded from empty to 0003\n"
+    assert proc.stdout == f"{url}: schema upgraded from empty to 0004\n"
     proc = cli("upgrade", "--url", url)
-    assert proc.stdout == f"{url}: schema already at 0003\n"
+    assert proc.stdout == f"{url}: schema already at 0004\n"
     proc = cli("status", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    assert "Schema revision: 0003" in proc.stdout
+    assert "Schema revision: 0004" in proc.stdout
     for age in ("30d", "12h", "8w"):
         proc = cli("prune", "--older-than", age, "--url", url)
         assert proc.returncode == 0, proc.stderr

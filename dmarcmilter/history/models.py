@@ -203,6 +203,13 @@ class ReportRow(Base):
     __tablename__ = "reports"
 
     id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    # "aggregate" (RFC 9990) or "failure" (RFC 9991): what ``content`` holds
+    # and which tag (rua or ruf) authorizes its destinations.
+    kind: Mapped[str] = mapped_column(String(SHORT), server_default="aggregate")
+    # 0 for the first report of a policy domain's period; n for the n-th
+    # supplementary report, which covers only rows that reached the
+    # database after the ones before it were made.
+    sequence: Mapped[int] = mapped_column(Integer, server_default="0")
     # Alphanumeric and stable for one policy domain, period, policy
     # configuration and format; also the filename's unique-id.
     report_id: Mapped[str] = mapped_column(String(SHORT * 2), unique=True)
@@ -249,6 +256,11 @@ class ReportDeliveryRow(Base):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
     sent_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
     detail: Mapped[str] = mapped_column(TEXT_TYPE)
+    # Random, part of the report mail's Message-ID: a delivery status
+    # notification names it, and only someone who saw the report mail can,
+    # so a forged bounce cannot suppress a destination.  NULL for
+    # deliveries queued before it existed.
+    message_token: Mapped[str | None] = mapped_column(String(SHORT))
 
     report: Mapped[ReportRow] = relationship(back_populates="deliveries")
     attempts_made: Mapped[list[ReportAttemptRow]] = relationship(
@@ -322,5 +334,79 @@ class SuppressionRow(Base):
     expires_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
     bounces: Mapped[int] = mapped_column(Integer)
     last_bounce_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
+
+    __table_args__ = (MYSQL_TABLE_OPTIONS,)
+
+
+class LateMessageRow(Base):
+    """A message row written after the end of the day it arrived in (a
+    host's journal replayed after an outage): the day's report may be made
+    already, so such rows are reported by claim, each exactly once.
+
+    The writer inserts it in the same transaction as its message, so a late
+    message is never visible without its mark.
+    """
+
+    __tablename__ = "late_messages"
+
+    message_pk: Mapped[int] = mapped_column(
+        ID_TYPE, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    # The report run that took it; NULL while no report has.
+    claim: Mapped[str | None] = mapped_column(String(SHORT), index=True)
+
+    __table_args__ = (MYSQL_TABLE_OPTIONS,)
+
+
+class FailureIncidentRow(Base):
+    """A message for which the policy record asked for failure reports
+    (RFC 9991): recorded by the milter with the message's row, turned into
+    (merged) reports by the report job."""
+
+    __tablename__ = "failure_incidents"
+
+    id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    message_pk: Mapped[int] = mapped_column(
+        ID_TYPE, ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    arrived_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    # The domain whose record carried the ruf, and the author domain.
+    policy_domain: Mapped[str] = mapped_column(String(DOMAIN_LENGTH))
+    reported_domain: Mapped[str] = mapped_column(String(DOMAIN_LENGTH))
+    source_ip: Mapped[str] = mapped_column(String(45))
+    # The failure kinds due, comma-joined in the order dmarc, dkim, spf.
+    kinds: Mapped[str] = mapped_column(String(SHORT))
+    ruf: Mapped[str] = mapped_column(TEXT_TYPE)  # usable ruf URIs, comma-joined
+    # What a report shows of the message (capped header fields, envelope,
+    # Authentication-Results, failed identifiers), as JSON.
+    sample: Mapped[str] = mapped_column(TEXT_TYPE)
+    # pending, reported, dropped (rate limit, refused or given up).
+    status: Mapped[str] = mapped_column(String(SHORT))
+    handled_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE)
+
+    __table_args__ = (
+        Index("ix_failure_incidents_status_arrived_at", "status", "arrived_at"),
+        MYSQL_TABLE_OPTIONS,
+    )
+
+
+class ReportBounceRow(Base):
+    """A hard bounce named in a delivery status notification (RFC 3464)
+    that reached the report address; the report job checks that it names
+    one of our report mails and that destination before it counts."""
+
+    __tablename__ = "report_bounces"
+
+    id: Mapped[int] = mapped_column(ID_TYPE, primary_key=True, autoincrement=True)
+    received_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+    original_message_id: Mapped[str] = mapped_column(TEXT_TYPE)
+    address: Mapped[str] = mapped_column(TEXT_TYPE)
+    status: Mapped[str] = mapped_column(String(SHORT))
+    diagnostic: Mapped[str] = mapped_column(TEXT_TYPE)
+    reporting_mta: Mapped[str] = mapped_column(TEXT_TYPE)
+    # NULL until the report job has looked at it; then what it decided
+    # (counted, unknown, mismatch).
+    processed_at: Mapped[dt.datetime | None] = mapped_column(TIMESTAMP_TYPE, index=True)
+    outcome: Mapped[str | None] = mapped_column(String(SHORT))
 
     __table_args__ = (MYSQL_TABLE_OPTIONS,)
