@@ -254,6 +254,45 @@ class ReportConfig:
     # The count starts again after suppress_days without a hard bounce.
     suppress_after_bounces: int = _opt(3, minimum=1, maximum=1000)
     suppress_days: int = _opt(30, minimum=1, maximum=3650)
+    # A policy domain with fewer messages than this in a period gets no
+    # aggregate report for it; 1 reports every domain seen.
+    min_messages: int = _opt(1, minimum=1, maximum=1_000_000)
+    # Deliveries of a period's reports are spread over this many minutes
+    # after the period ends (each report at its own fixed offset), rather
+    # than sent in one burst; 0 sends them all at once.
+    send_spread_minutes: int = _opt(120, minimum=0, maximum=24 * 60)
+
+
+@dataclass(frozen=True)
+class FailureReportsConfig:
+    """Failure reports (RFC 9991), recorded by the milter and sent by
+    ``dmarcmilter report``; from_address, submitter, org_name and the
+    transport come from [report]."""
+
+    # Off by default: failure reports carry parts of other people's mail.
+    enabled: bool = False
+    # Only these author domains (and names under them) are reported; empty:
+    # every domain whose record asks for failure reports.
+    domains: tuple[str, ...] = ()
+    # Never these author domains (or names under them), even when listed in
+    # domains.
+    skip_domains: tuple[str, ...] = ()
+    # RFC 6590: local-parts become opaque tokens, consistent within a report.
+    redact: bool = True
+    # The original's text parts too (redacted, defanged, attachments left
+    # out); otherwise its header fields only.
+    include_body: bool = False
+    # Incidents of the same author domain, source IP, failure kind and
+    # destination within this many minutes make one report (Incidents: N).
+    merge_minutes: int = _opt(10, minimum=1, maximum=24 * 60)
+    # A token bucket per destination domain: up to destination_burst reports
+    # at once, refilled at destination_per_hour.  A report with no token is
+    # dropped, counted and logged.
+    destination_burst: int = _opt(5, minimum=1, maximum=10_000)
+    destination_per_hour: int = _opt(10, minimum=1, maximum=100_000)
+    # All failure reports made per hour; past it they are dropped, counted
+    # and logged.
+    max_per_hour: int = _opt(200, minimum=1, maximum=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -272,6 +311,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    failure_reports: FailureReportsConfig = field(default_factory=FailureReportsConfig)
 
     def effective_authserv_id(self) -> str:
         return self.authserv_id or socket.getfqdn()
@@ -360,6 +400,8 @@ def config_from_mapping(data: dict[str, Any], source: str = "<config>") -> Confi
         "policy.trusted_arc_sealers": config.policy.trusted_arc_sealers,
         "headers.owned_authserv_ids": config.headers.owned_authserv_ids,
         "headers.trusted_authserv_ids": config.headers.trusted_authserv_ids,
+        "failure_reports.domains": config.failure_reports.domains,
+        "failure_reports.skip_domains": config.failure_reports.skip_domains,
     }
     checks += [(key, v, _name) for key, values in domain_lists.items() for v in values]
     for key, value, check in checks:
