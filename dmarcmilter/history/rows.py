@@ -8,6 +8,7 @@ back into ORM objects for insertion.  No other module converts.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -20,6 +21,8 @@ from ..dmarc import Alignment, DKIMVerdict
 from ..evaluation import Evaluation
 from ..policy import Decision
 from ..record import DMARCRecord
+from ..report.failure import FailureKind
+from ..report.failure_mail import DeliveryResult, FailedSignature, FailureIncident
 from ..results import DKIMResultCode
 from .models import DKIMResultRow, MessageRow, OverrideReasonRow
 
@@ -338,3 +341,108 @@ def _address_domain(address: str) -> str | None:
     if not at or not domain:
         return None
     return _stored(domain.rstrip(".").lower(), MAX_NAME_BYTES)
+
+
+# -- failure-report samples -------------------------------------------------------------
+
+# What a failure incident stores of the message, in bytes or count; past a
+# cap the rest is left out, and the stored sample says so (``cut``), which
+# the report's text part repeats.  The header cap is the milter's own
+# (milter.MAX_HEADER_BYTES is larger; honest headers are far below this).
+MAX_SAMPLE_HEADER_BYTES = 65_536
+MAX_SAMPLE_RECIPIENTS = 100
+MAX_SAMPLE_BODY_BYTES = 65_536
+MAX_SAMPLE_AR_BYTES = 8192
+MAX_SAMPLE_SIGNATURES = MAX_DKIM_RESULTS
+
+
+def failure_sample(incident: FailureIncident) -> dict[str, Any]:
+    """The JSON-serialisable sample of one failure incident, capped.
+
+    ``kind`` and ``incidents`` are not part of it: a sample is one message,
+    reported under each kind due and merged with others by the sender.
+    """
+    cut: list[str] = []
+    headers: list[list[str]] = []
+    size = 0
+    for name, value in incident.headers:
+        name, value = _text(name), _text(value)
+        size += len(name.encode("utf-8")) + len(value.encode("utf-8")) + 4
+        if size > MAX_SAMPLE_HEADER_BYTES:
+            cut.append(f"{len(incident.headers) - len(headers)} header fields")
+            break
+        headers.append([name, value])
+    rcpt = [_stored(r, MAX_NAME_BYTES * 2) for r in incident.rcpt_to[:MAX_SAMPLE_RECIPIENTS]]
+    if len(incident.rcpt_to) > MAX_SAMPLE_RECIPIENTS:
+        cut.append(f"{len(incident.rcpt_to) - MAX_SAMPLE_RECIPIENTS} recipients")
+    body = incident.body
+    if body is not None and len(body) > MAX_SAMPLE_BODY_BYTES:
+        cut.append(f"{len(body) - MAX_SAMPLE_BODY_BYTES} bytes of the body")
+        body = body[:MAX_SAMPLE_BODY_BYTES]
+    signatures = incident.dkim_failed[:MAX_SAMPLE_SIGNATURES]
+    if len(incident.dkim_failed) > MAX_SAMPLE_SIGNATURES:
+        cut.append(f"{len(incident.dkim_failed) - MAX_SAMPLE_SIGNATURES} DKIM signatures")
+    return {
+        "reported_domain": incident.reported_domain,
+        "source_ip": incident.source_ip,
+        "arrival_date": incident.arrival_date.astimezone(dt.UTC).isoformat(),
+        "mail_from": _stored(incident.mail_from, MAX_NAME_BYTES * 2),
+        "rcpt_to": rcpt,
+        "authentication_results": _stored(incident.authentication_results, MAX_SAMPLE_AR_BYTES),
+        "delivery_result": incident.delivery_result.value,
+        "headers": headers,
+        "dkim_failed": [
+            {
+                "domain": _stored(s.domain, MAX_NAME_BYTES),
+                "selector": _stored(s.selector, MAX_NAME_BYTES),
+                "result": s.result,
+                "identity": _stored(s.identity, MAX_NAME_BYTES * 2),
+                "aligned": s.aligned,
+                "reason": _stored(s.reason, MAX_TEXT_BYTES),
+            }
+            for s in signatures
+        ],
+        "spf_domain": _stored(incident.spf_domain, MAX_NAME_BYTES),
+        "spf_result": incident.spf_result,
+        "spf_aligned": incident.spf_aligned,
+        "spf_record": _stored(incident.spf_record, MAX_TEXT_BYTES),
+        "body": None if body is None else base64.b64encode(body).decode("ascii"),
+        "cut": cut,
+    }
+
+
+def incident_from_sample(
+    sample: dict[str, Any], kind: FailureKind, incidents: int = 1
+) -> FailureIncident:
+    """The incident a stored sample describes, reported as ``kind`` for
+    ``incidents`` merged failures.  Raises KeyError, TypeError or ValueError
+    for a sample that is not one (the sender sets it aside)."""
+    body = sample["body"]
+    return FailureIncident(
+        kind=kind,
+        reported_domain=str(sample["reported_domain"]),
+        source_ip=str(sample["source_ip"]),
+        arrival_date=utc_timestamp(sample["arrival_date"]),
+        mail_from=str(sample["mail_from"]),
+        rcpt_to=tuple(str(r) for r in sample["rcpt_to"]),
+        authentication_results=str(sample["authentication_results"]),
+        delivery_result=DeliveryResult(sample["delivery_result"]),
+        headers=tuple((str(n), str(v)) for n, v in sample["headers"]),
+        dkim_failed=tuple(
+            FailedSignature(
+                str(s["domain"]),
+                str(s["selector"]),
+                str(s["result"]),
+                str(s["identity"]),
+                bool(s["aligned"]),
+                str(s["reason"]),
+            )
+            for s in sample["dkim_failed"]
+        ),
+        spf_domain=str(sample["spf_domain"]),
+        spf_result=str(sample["spf_result"]),
+        spf_aligned=bool(sample["spf_aligned"]),
+        spf_record=str(sample["spf_record"]),
+        body=None if body is None else base64.b64decode(body, validate=True),
+        incidents=incidents,
+    )
