@@ -8,7 +8,8 @@ is left out.
 
 A message is ours when its From is ``report.from_address`` and its
 Message-ID is the one :mod:`dmarcmilter.report.mail` gives a report,
-``<report-id@submitter>``.  Someone forging both only keeps their message
+``<report-id.token@submitter>``
+(or ``<report-id@submitter>``).  Someone forging both only keeps their message
 out of our reports about our own reporting domain.
 """
 
@@ -19,8 +20,9 @@ from collections.abc import Sequence
 
 from ..config import Config
 
-# A report id is alphanumeric (the filename's unique-id, digest §6.3).
-_MESSAGE_ID = re.compile(r"\s*<([A-Za-z0-9]+)@([^<>@\s]+)>\s*")
+# A report id is alphanumeric (the filename's unique-id, digest §6.3),
+# followed by the delivery's alphanumeric token when it has one.
+_MESSAGE_ID = re.compile(r"\s*<([A-Za-z0-9]+(?:\.[A-Za-z0-9]+)?)@([^<>@\s]+)>\s*")
 _ADDRESS = re.compile(r"<([^<>]*)>")
 
 

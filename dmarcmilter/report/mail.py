@@ -108,11 +108,22 @@ def report_subject(policy_domain: str, submitter: str, report_id: str) -> str:
     )
 
 
-def report_message_id(submitter: str, report_id: str) -> str:
-    """The Message-ID, ``<report-id@submitter>``: the Subject's ridtxt."""
+def report_message_id(submitter: str, report_id: str, token: str = "") -> str:
+    """The Message-ID: ``<report-id.token@submitter>``, or
+    ``<report-id@submitter>`` without a token.
+
+    The token is the delivery's random ``message_token``.  The report id
+    alone can be worked out from public data (digest §6.1: it is stable), so
+    a bounce that names it proves nothing; one that names the token was made
+    by someone who saw the mail, which only its destination did.
+    """
     submitter_a = _domain_name(submitter, "submitter")
     _check_report_id(report_id)
-    return f"<{report_id}@{submitter_a}>"
+    if not token:
+        return f"<{report_id}@{submitter_a}>"
+    if not (token.isascii() and token.isalnum()):
+        raise ValueError(f"message token must be alphanumeric, got {token!r}")
+    return f"<{report_id}.{token}@{submitter_a}>"
 
 
 def normalize_address(address: str, what: str = "address") -> str:
