@@ -19,6 +19,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -388,6 +389,20 @@ class FailureIncidentRow(Base):
         Index("ix_failure_incidents_status_arrived_at", "status", "arrived_at"),
         MYSQL_TABLE_OPTIONS,
     )
+
+
+class RateBucketRow(Base):
+    """A token bucket of the failure-report rate limit, one per destination
+    domain: ``tokens`` as of ``updated_at``, refilled at the configured rate
+    up to the burst."""
+
+    __tablename__ = "rate_buckets"
+
+    name: Mapped[str] = mapped_column(String(DOMAIN_LENGTH), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
+
+    __table_args__ = (MYSQL_TABLE_OPTIONS,)
 
 
 class ReportBounceRow(Base):

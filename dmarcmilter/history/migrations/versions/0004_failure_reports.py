@@ -1,5 +1,5 @@
 """Failure reports, late rows and bounce tracking: failure_incidents,
-late_messages, report_bounces; reports.kind and reports.sequence;
+late_messages, rate_buckets, report_bounces; reports.kind and reports.sequence;
 report_deliveries.message_token.
 
 Revision ID: 0004
@@ -85,6 +85,14 @@ def upgrade() -> None:
         "ix_failure_incidents_status_arrived_at", "failure_incidents", ["status", "arrived_at"]
     )
     op.create_table(
+        "rate_buckets",
+        sa.Column("name", sa.String(DOMAIN), nullable=False),
+        sa.Column("tokens", sa.Float(), nullable=False),
+        sa.Column("updated_at", TIMESTAMP_TYPE, nullable=False),
+        sa.PrimaryKeyConstraint("name", name="pk_rate_buckets"),
+        **MYSQL_TABLE_OPTIONS,
+    )
+    op.create_table(
         "report_bounces",
         sa.Column("id", ID_TYPE, autoincrement=True, nullable=False),
         sa.Column("received_at", TIMESTAMP_TYPE, nullable=False),
@@ -103,6 +111,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("report_bounces")
+    op.drop_table("rate_buckets")
     op.drop_table("failure_incidents")
     op.drop_table("late_messages")
     with op.batch_alter_table("report_deliveries") as batch:
