@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser(
         "report",
-        help="generate and send aggregate reports (default: the last complete UTC day)",
+        help="generate and send aggregate reports (default: the last complete UTC day) "
+        "and failure reports",
     )
     report.add_argument("--config", metavar="FILE", help="TOML configuration file")
     when = report.add_mutually_exclusive_group()
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["rfc9990", "rfc7489"],
         help="report schema (default: report.format, rfc9990)",
+    )
+    report.add_argument(
+        "--kind",
+        choices=["aggregate", "failure"],
+        help="only aggregate reports, or only failure reports (default: both)",
     )
     report.add_argument("--verbose", action="store_true", help="print a summary when done")
 
@@ -527,6 +533,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             domain = normalize_domain(args.domain)
         except DomainError as exc:
             raise InputError(f"--domain: {exc}") from None
+    kinds = (args.kind,) if args.kind else ("aggregate", "failure")
     progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     url = config.database_url()
     try:
@@ -535,10 +542,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         try:
             if args.dry_run:
                 stats = dry_run(
-                    config, engine, period, Path(args.dry_run), domain=domain, progress=progress
+                    config,
+                    engine,
+                    period,
+                    Path(args.dry_run),
+                    domain=domain,
+                    progress=progress,
+                    kinds=kinds,
                 )
             else:
-                stats = ReportJob(config, engine, progress=progress).run(period, domain)
+                stats = ReportJob(config, engine, progress=progress).run(period, domain, kinds)
         finally:
             engine.dispose()
     except InputError:
@@ -553,7 +566,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         elif args.dry_run:
             print(
                 f"{span}: {stats.reports_generated} report(s) for {stats.domains} domain(s) "
-                f"written to {args.dry_run}"
+                f"and {stats.failure_reports} failure report(s) ({stats.failure_incidents} "
+                f"incident(s)) written to {args.dry_run}"
             )
         else:
             print(
@@ -561,9 +575,22 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"generated ({stats.domains_already_done} domain(s) already done); "
                 f"{stats.sent} sent, {stats.retry_later} to retry, {stats.failed} failed, "
                 f"{stats.refused} not authorized, {stats.rate_limited} held by the rate limit, "
-                f"{stats.suppressed} suppressed"
+                f"{stats.suppressed} suppressed; " + _failure_summary(stats)
             )
     return EXIT_OK
+
+
+def _failure_summary(stats: Any) -> str:
+    if stats.failure_disabled:
+        return "failure reports off (failure_reports.enabled = false)"
+    if stats.failure_lease_holder:
+        return f"failure reports: {stats.failure_lease_holder} is running them"
+    return (
+        f"{stats.failure_reports} failure report(s) made of {stats.failure_incidents} "
+        f"incident(s), {stats.failure_dropped_reports} dropped by the rate limits "
+        f"({stats.failure_dropped_incidents} incident(s)), {stats.failure_bad_samples} "
+        "unreadable"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

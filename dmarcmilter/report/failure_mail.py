@@ -394,17 +394,19 @@ def build_failure_report(
     date: datetime.datetime,
     settings: FailureReportSettings,
     redaction_key: bytes | None = None,
+    message_token: str = "",
 ) -> email.message.EmailMessage:
     """The report message for ``incident``, to ``to_address``.
 
     ``report_id`` is letters and digits (as for aggregate reports) and makes
-    the Message-ID ``<report-id@submitter>``.  ``redaction_key`` is the
+    the Message-ID ``<report-id@submitter>``, or with the delivery's random
+    ``message_token`` ``<report-id.token@submitter>``.  ``redaction_key`` is the
     report's secret (random when None; given, the same inputs build the
     same message).  Raises ValueError for any unusable value.
     """
     sender = normalize_address(settings.from_address, "From address")
     recipient = normalize_address(to_address, "To address")
-    message_id = report_message_id(settings.submitter, report_id)
+    message_id = report_message_id(settings.submitter, report_id, message_token)
     reported = _domain_name(incident.reported_domain, "reported domain")
     _check_text(settings.org_name, "org name")
     _check_text(settings.user_agent, "user agent")

@@ -1,11 +1,22 @@
 """The ``dmarcmilter report`` run: history → aggregate reports → delivered
-mail (RFC 9990 §2, §3; digest §6.1, §6.3, §6.4).
+mail (RFC 9990 §2, §3; digest §6.1, §6.3, §6.4), and recorded failure
+incidents → failure reports → delivered mail (RFC 9991; digest §7).
 
 A run holds the fleet lease (:mod:`~dmarcmilter.report.lease`), then has two
 steps.  **Generate**: the aggregate reports of the period are built and
 stored with their deliveries (:mod:`~dmarcmilter.report.aggregate`).
 **Deliver**: every delivery that is due is verified and sent, with retries
 and the per-destination rate limit (:mod:`~dmarcmilter.report.outbox`).
+The **failure phase** runs under its own lease (FAILURE_LEASE_NAME), so a
+long aggregate run never holds failure reports back: the failure sender
+(:mod:`~dmarcmilter.report.failure_sender`) merges and rate-limits the
+recorded incidents into stored reports, then the outbox delivers the due
+failure deliveries.  Each phase delivers only its own kind of report.
+With ``failure_reports.enabled`` false the failure phase does nothing:
+incidents already recorded stay pending (and are dropped as stale after
+``report.retry_hours`` once it is on again), and queued failure reports
+are not sent, so turning the option off stops all failure-report mail at
+once.
 A dry run writes the reports and messages into a directory and writes
 nothing to the database.
 """
@@ -13,9 +24,8 @@ nothing to the database.
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,21 +46,36 @@ from .aggregate import (
     store_reports,
 )
 from .delivery import Transport
+from .failure_mail import FailureReportSettings
+from .failure_sender import (
+    FailureSender,
+    FailureStats,
+    failure_message,
+    failure_settings,
+    group_incidents,
+    report_content,
+)
 from .lease import LEASE_NAME, Lease, host_identity
-from .outbox import DeliveryStats, Outbox, make_transport
+from .outbox import AGGREGATE, FAILURE, KINDS, DeliveryStats, Outbox, StoredReport, make_transport
 from .period import Period
+
+# The failure phase's lease: apart from the aggregate one, so that a long
+# aggregate run does not hold failure reports back.
+FAILURE_LEASE_NAME = "failure-reports"
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class RunStats(DeliveryStats):
+class RunStats(FailureStats, DeliveryStats):
     """What a run did, for the summary and the tests."""
 
     domains: int = 0
     reports_generated: int = 0
     domains_already_done: int = 0
     lease_holder: str | None = None  # another host running: this run did nothing
+    failure_lease_holder: str | None = None  # the same, for the failure phase
+    failure_disabled: bool = False  # failure_reports.enabled is false: phase skipped
 
 
 Progress = Callable[[int, int, str], None]
@@ -86,33 +111,66 @@ class ReportJob:
 
     # -- the whole run -------------------------------------------------------
 
-    def run(self, period: Period, domain: str | None = None) -> RunStats:
-        lease = Lease(self.engine, LEASE_NAME, self.host, self.clock)
+    def run(
+        self, period: Period, domain: str | None = None, kinds: Collection[str] = KINDS
+    ) -> RunStats:
+        """The aggregate phase, then the failure phase, of ``kinds``."""
+        try:
+            if AGGREGATE in kinds:
+                self._leased(LEASE_NAME, lambda lease: self._aggregate(period, domain, lease))
+            if FAILURE in kinds:
+                if not self.config.failure_reports.enabled:
+                    self.stats.failure_disabled = True
+                    log.info("failure reports: failure_reports.enabled is false; none made or sent")
+                else:
+                    self._leased(FAILURE_LEASE_NAME, self._failure)
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
+        return self.stats
+
+    def _leased(self, name: str, work: Callable[[Lease], None]) -> None:
+        lease = Lease(self.engine, name, self.host, self.clock)
         try:
             holder = lease.acquire()
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot take the report lease: {short_error(exc)}") from None
+            raise DatabaseError(f"cannot take the {name} lease: {short_error(exc)}") from None
         if holder is not None:
-            self.stats.lease_holder = holder
-            log.info("report run skipped: %s holds the %s lease", holder, LEASE_NAME)
-            return self.stats
+            if name == LEASE_NAME:
+                self.stats.lease_holder = holder
+            else:
+                self.stats.failure_lease_holder = holder
+            log.info("report run skipped: %s holds the %s lease", holder, name)
+            return
         try:
             # Settings the transport refuses stop the run before anything is
             # generated, rather than after.
             self.transport()
-            self.generate(period, domain, lease)
-            self.deliver(lease)
+            work(lease)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"report run failed: {short_error(exc)}") from None
         finally:
-            if self._transport is not None:
-                self._transport.close()
             try:
                 lease.release()
             except SQLAlchemyError as exc:
                 # It expires by itself; the next run takes it over then.
-                log.warning("cannot release the report lease: %s", short_error(exc))
-        return self.stats
+                log.warning("cannot release the %s lease: %s", name, short_error(exc))
+
+    def _aggregate(self, period: Period, domain: str | None, lease: Lease) -> None:
+        self.generate(period, domain, lease)
+        self.deliver(lease, (AGGREGATE,))
+
+    def _failure(self, lease: Lease) -> None:
+        FailureSender(
+            config=self.config,
+            engine=self.engine,
+            clock=self.clock,
+            host=self.host,
+            stats=self.stats,
+            renew=lease.renew,
+        ).run()
+        self.deliver(lease, (FAILURE,))
 
     # -- generation ------------------------------------------------------------
 
@@ -145,21 +203,31 @@ class ReportJob:
             self._transport = make_transport(self.config.report)
         return self._transport
 
-    def deliver(self, lease: Lease | None = None) -> None:
+    def compose(self, report: StoredReport, address: str, now: dt.datetime) -> bytes:
+        """The mail of a stored report of either kind to ``address``."""
+        if report.kind == FAILURE:
+            return failure_message(self.failure_settings, report, address, now)
+        return report_message(self.settings, report, address, now)
+
+    @property
+    def failure_settings(self) -> FailureReportSettings:
+        return failure_settings(self.config, self.settings.submitter)
+
+    def deliver(self, lease: Lease | None = None, kinds: Collection[str] = KINDS) -> None:
         outbox = Outbox(
             config=self.config,
             engine=self.engine,
             from_address=self.settings.from_address,
             rate_limit_per_hour=self.settings.rate_limit_per_hour,
             retry_for=self.settings.retry_for,
-            compose=functools.partial(report_message, self.settings),
+            compose=self.compose,
             transport=self.transport,
             resolver=self.resolver,
             clock=self.clock,
             host=self.host,
             stats=self.stats,
         )
-        outbox.deliver(lease.renew if lease is not None else None)
+        outbox.deliver(lease.renew if lease is not None else None, kinds)
         # The outbox makes the resolver on first use; keep it for the
         # next deliver() of this job rather than build another.
         self.resolver = outbox.resolver
@@ -174,10 +242,14 @@ def dry_run(
     domain: str | None = None,
     clock: Callable[[], dt.datetime] = _utcnow,
     progress: Progress | None = None,
+    kinds: Collection[str] = KINDS,
 ) -> RunStats:
     """Write every report of ``period`` into ``directory`` as ``<filename>``
     (.xml.gz) and ``<filename>.eml`` (the message to its first destination),
-    with no DNS query, no mail and no database write."""
+    and every failure report the pending incidents would make now as
+    ``failure-<n>-<domain>.eml``, with no DNS query, no mail and no database
+    write.  Failure reports are shown merged but before the rate limits
+    (which would spend tokens), whether or not failure_reports.enabled."""
     job = ReportJob(config, engine, clock=clock, progress=progress, host="dry-run")
     settings, stats = job.settings, job.stats
     try:
@@ -185,6 +257,10 @@ def dry_run(
     except OSError as exc:
         raise ReportError(f"cannot create {directory}: {exc.strerror or exc}") from None
     try:
+        if FAILURE in kinds:
+            _dry_run_failure(job, directory)
+        if AGGREGATE not in kinds:
+            return stats
         names = job.domains(period, domain)
         stats.domains = len(names)
         for done, name in enumerate(names):
@@ -198,6 +274,41 @@ def dry_run(
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read the history: {short_error(exc)}") from None
     return stats
+
+
+def _dry_run_failure(job: ReportJob, directory: Path) -> None:
+    sender = FailureSender(
+        config=job.config, engine=job.engine, clock=job.clock, host="dry-run", stats=job.stats
+    )
+    incidents = sender.closed_incidents()
+    groups = group_incidents(incidents, sender.merge_seconds)
+    samples = sender.samples(sorted({g.incidents[0].pk for g in groups}))
+    for n, group in enumerate(groups, 1):
+        sample = samples.get(group.incidents[0].pk)
+        if sample is None:
+            job.stats.failure_bad_samples += 1
+            continue
+        report = StoredReport(
+            report_id=f"dryrun{n}",
+            policy_domain=group.key[0],
+            period_begin=group.window * sender.merge_seconds,
+            period_end=(group.window + 1) * sender.merge_seconds - 1,
+            filename="",
+            content=report_content(group.key[3], len(group.incidents), sample),
+            kind=FAILURE,
+        )
+        try:
+            message = job.compose(report, group.destination.address, job.clock())
+        except ValueError as exc:
+            log.warning("dry run: failure report %d cannot be built: %s", n, exc)
+            continue
+        name = f"failure-{n:06d}-{group.key[1]}.eml"
+        try:
+            (directory / name).write_bytes(message)
+        except OSError as exc:
+            raise ReportError(f"cannot write into {directory}: {exc.strerror or exc}") from None
+        job.stats.failure_reports += 1
+        job.stats.failure_incidents += len(group.incidents)
 
 
 def _write_dry_run(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -46,7 +46,13 @@ from .delivery import (
     SMTPTransport,
     Transport,
 )
-from .destinations import Destination, VerificationStatus, parse_rua, verify_destination
+from .destinations import (
+    Destination,
+    ReportTag,
+    VerificationStatus,
+    parse_rua,
+    verify_destination,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,16 @@ class StoredReport:
     period_end: int
     filename: str
     content: bytes
+    kind: str = "aggregate"  # reports.kind: "aggregate" (RFC 9990) or "failure" (RFC 9991)
+    message_token: str = ""  # the delivery's random Message-ID token; "" when it has none
+
+
+# Report kinds (reports.kind), and the DMARC tag that authorizes each one's
+# destinations (RFC 9990 rua, RFC 9991 ruf).
+AGGREGATE = "aggregate"
+FAILURE = "failure"
+KINDS = (AGGREGATE, FAILURE)
+_TAG: dict[str, ReportTag] = {AGGREGATE: "rua", FAILURE: "ruf"}
 
 
 # Builds the mail carrying a stored report to one address, at a time.  It
@@ -227,8 +243,13 @@ class Outbox:
     # entry that suppresses it (hard bounces of this run add to it).
     _suppressed: dict[str, suppression.Suppression] = field(default_factory=dict, init=False)
 
-    def deliver(self, renew: Callable[[], None] | None = None) -> None:
-        """Send every delivery that is due; ``renew`` keeps the run's lease.
+    def deliver(
+        self, renew: Callable[[], None] | None = None, kinds: Collection[str] = KINDS
+    ) -> None:
+        """Send every delivery of a report of ``kinds`` that is due;
+        ``renew`` keeps the run's lease.  The aggregate and the failure
+        phases of a run each pass their own kind, so the two never take up
+        the same delivery.
 
         The suppression list is read for SUPPRESSION_BATCH deliveries at a
         time, right before they are sent; a database error there stops the
@@ -239,7 +260,12 @@ class Outbox:
         with self.engine.connect() as conn:
             due = conn.execute(
                 select(deliveries.c.id, deliveries.c.address)
-                .where(deliveries.c.status == PENDING, deliveries.c.next_attempt_at <= now)
+                .join_from(deliveries, REPORTS, deliveries.c.report_pk == REPORTS.c.id)
+                .where(
+                    deliveries.c.status == PENDING,
+                    deliveries.c.next_attempt_at <= now,
+                    REPORTS.c.kind.in_(list(kinds)),
+                )
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             ).all()
         limit = DestinationRateLimit(self.engine, self.rate_limit_per_hour, self.clock)
@@ -269,6 +295,8 @@ class Outbox:
                     deliveries.c.address,
                     deliveries.c.destination_domain,
                     deliveries.c.attempts,
+                    deliveries.c.message_token,
+                    reports.c.kind,
                     reports.c.report_id,
                     reports.c.policy_domain,
                     reports.c.period_begin,
@@ -296,7 +324,9 @@ class Outbox:
             self._settle(delivery_id, row.attempts, FAILED, "refused", "unusable URI", None)
             self.stats.refused += 1
             return
-        verification = verify_destination(row.policy_domain, parsed[0], self._discoverer())
+        verification = verify_destination(
+            row.policy_domain, parsed[0], self._discoverer(), _TAG.get(row.kind, "rua")
+        )
         if verification.status is VerificationStatus.DEFERRED:
             self._retry(delivery_id, row, "deferred", verification.detail)
             return
@@ -321,6 +351,8 @@ class Outbox:
             period_end=row.period_end,
             filename=row.filename,
             content=row.content,
+            kind=row.kind,
+            message_token=row.message_token or "",
         )
         try:
             message = self.compose(report, address, self.clock())
@@ -453,7 +485,10 @@ class Outbox:
 
 
 __all__ = [
+    "AGGREGATE",
+    "FAILURE",
     "FIRST_RETRY_DELAY",
+    "KINDS",
     "MAX_RETRY_DELAY",
     "RATE_WINDOW",
     "SUPPRESSED",
