@@ -188,17 +188,29 @@ def test_cron_file_runs_the_report_as_the_installed_user() -> None:
         for line in CRON_FILE.read_text(encoding="utf-8").splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    assert len(jobs) == 1, jobs
-    *_schedule, user, command = jobs[0]
-    argv = shlex.split(command)
-    assert user == install.user
-    assert argv[:2] == [install.binary, "report"]
-    assert option(argv, "--config") == install.config
+    # The hourly run (both kinds), and the 5-minute failure-report run.
+    assert len(jobs) == 2, jobs
+    kinds = []
+    for *_schedule, user, command in jobs:
+        argv = shlex.split(command)
+        assert user == install.user
+        assert argv[:2] == [install.binary, "report"]
+        assert option(argv, "--config") == install.config
+        kinds.append(option(argv, "--kind") if "--kind" in argv else "both")
+    assert kinds == ["both", "failure"]
+
+
+def failure_report_units() -> tuple[str, ...]:
+    """The units the README's failure-report section installs: an optional
+    step, as failure reports are off by default."""
+    copy = one(shell_commands(readme_section("## Failure reports")), "cp systemd/")
+    assert copy[-1] == "/etc/systemd/system/"
+    return tuple(Path(p).name for p in copy[1:-1])
 
 
 def test_readme_copies_every_unit() -> None:
     install = production_install()
-    assert sorted(install.units_copied) == UNIT_FILES
+    assert sorted(install.units_copied + failure_report_units()) == UNIT_FILES
     assert install.units_target == "/etc/systemd/system/"
     upgrade = shell_commands(readme_section("### Upgrading"))
     assert one(upgrade, "cp systemd/")[1:-1] == [f"systemd/{n}" for n in install.units_copied]
