@@ -315,7 +315,7 @@ class FailureSender:
     # -- the run ---------------------------------------------------------------
 
     def run(self) -> None:
-        self._ensure_bucket(GLOBAL_BUCKET)
+        self._ensure_buckets([GLOBAL_BUCKET])
         self._drop_stale()
         incidents = self.closed_incidents()
         groups = group_incidents(incidents, self.merge_seconds)
@@ -382,21 +382,43 @@ class FailureSender:
         if batch_i:
             yield batch_i, batch_g
 
-    def _ensure_bucket(self, name: str) -> None:
-        if name in self._buckets:
+    def _ensure_buckets(self, names: Iterable[str]) -> None:
+        """Make the buckets of ``names`` that do not exist yet, full."""
+        missing = sorted(set(names) - self._buckets)
+        if not missing:
             return
-        self._buckets.add(name)
+        with self.engine.connect() as conn:
+            for start in range(0, len(missing), 500):
+                self._buckets.update(
+                    conn.execute(
+                        select(BUCKETS.c.name).where(
+                            BUCKETS.c.name.in_(missing[start : start + 500])
+                        )
+                    ).scalars()
+                )
+        rows = [
+            {
+                "name": name,
+                "tokens": float(self.config.failure_reports.destination_burst),
+                "updated_at": self.clock(),
+            }
+            for name in missing
+            if name not in self._buckets
+        ]
+        if not rows:
+            return
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    insert(BUCKETS).values(
-                        name=name,
-                        tokens=float(self.config.failure_reports.destination_burst),
-                        updated_at=self.clock(),
-                    )
-                )
+                conn.execute(insert(BUCKETS), rows)
         except IntegrityError:
-            pass  # there already, perhaps made by another host just now
+            # Another host made one of them just now: one at a time.
+            for row in rows:
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(insert(BUCKETS), [row])
+                except IntegrityError:
+                    pass
+        self._buckets.update(str(row["name"]) for row in rows)
 
     def samples(self, pks: list[int]) -> dict[int, dict[str, Any] | None]:
         """The samples of ``pks``; None for one that cannot be read."""
@@ -476,8 +498,8 @@ class FailureSender:
         dropped: dict[str, list[int]] = {}
         capped = [0, 0]
         reported: set[int] = set()
-        for domain in sorted({g.destination.host for g in groups}):
-            self._ensure_bucket(domain)
+        made: list[Group] = []
+        self._ensure_buckets(g.destination.host for g in groups)
         with self.engine.begin() as conn:
             # First statement: this row's lock serialises the batches of
             # every sender until commit, so the counts read next are final.
@@ -510,10 +532,11 @@ class FailureSender:
                     continue
                 tokens[host] -= 1.0
                 made_last_hour += 1
-                self._store_report(conn, group, samples, now)
+                made.append(group)
                 reported.update(i.pk for i in group.incidents)
                 stats.failure_reports += 1
                 stats.failure_incidents += size
+            self._store_reports(conn, made, samples, now)
             for host, left in tokens.items():
                 conn.execute(
                     update(BUCKETS)
@@ -558,37 +581,54 @@ class FailureSender:
                 tokens[name] = min(float(fr.destination_burst), float(left) + elapsed * rate)
         return tokens
 
-    def _store_report(
+    def _store_reports(
         self,
         conn: Connection,
-        group: Group,
+        groups: list[Group],
         samples: dict[int, dict[str, Any] | None],
         now: dt.datetime,
     ) -> None:
-        first = group.incidents[0]
-        sample = samples[first.pk]
-        assert sample is not None  # groups speak with a readable sample
-        begin = group.window * self.merge_seconds
-        result = conn.execute(
-            insert(REPORTS).values(
-                kind=KIND,
-                sequence=0,
-                report_id=_new_report_id(),
-                policy_domain=first.policy_domain,
-                period_begin=begin,
-                period_end=begin + self.merge_seconds - 1,
-                format=FORMAT,
-                filename="",
-                message_count=len(group.incidents),
-                record_count=1,
-                content=report_content(group.key[3], len(group.incidents), sample),
-                created_at=now,
-                created_by=self.host,
+        """Store the batch's reports (one statement) and queue each one's
+        delivery."""
+        if not groups:
+            return
+        rows = []
+        for group in groups:
+            first = group.incidents[0]
+            sample = samples[first.pk]
+            assert sample is not None  # groups speak with a readable sample
+            begin = group.window * self.merge_seconds
+            rows.append(
+                {
+                    "kind": KIND,
+                    "sequence": 0,
+                    "report_id": _new_report_id(),
+                    "policy_domain": first.policy_domain,
+                    "period_begin": begin,
+                    "period_end": begin + self.merge_seconds - 1,
+                    "format": FORMAT,
+                    "filename": "",
+                    "message_count": len(group.incidents),
+                    "record_count": 1,
+                    "content": report_content(group.key[3], len(group.incidents), sample),
+                    "created_at": now,
+                    "created_by": self.host,
+                }
             )
-        )
-        inserted = result.inserted_primary_key
-        assert inserted is not None
-        queue_deliveries(conn, inserted[0], (group.destination,), now)
+        conn.execute(insert(REPORTS), rows)
+        ids = [str(r["report_id"]) for r in rows]
+        pk_of: dict[str, int] = {}
+        for start in range(0, len(ids), 500):
+            pk_of.update(
+                (report_id, pk)
+                for pk, report_id in conn.execute(
+                    select(REPORTS.c.id, REPORTS.c.report_id).where(
+                        REPORTS.c.report_id.in_(ids[start : start + 500])
+                    )
+                )
+            )
+        for row, group in zip(rows, groups, strict=True):
+            queue_deliveries(conn, pk_of[str(row["report_id"])], (group.destination,), now)
 
     def _mark(
         self, conn: Connection, incidents: list[Incident], reported: set[int], now: dt.datetime
