@@ -687,3 +687,20 @@ def test_cli_kind_failure(
     assert list(out.glob("*.xml.gz")) == []
     printed = capsys.readouterr().out
     assert "1 failure report(s) (1 incident(s)) written to" in printed
+
+
+@SQLITE_ONLY
+def test_cli_summary_says_failure_reports_are_off(
+    engine: Engine, migrated: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record(engine, T0)
+    config = tmp_path / "dmarcmilter.toml"
+    config.write_text(
+        f'[database]\nurl = "{migrated}"\n'
+        '[report]\norg_name = "Receiver Example"\n'
+        'from_address = "dmarc-reports@receiver.example"\n'
+        f'submitter = "{SUBMITTER}"\n'
+    )
+    assert main(["report", "--config", str(config), "--kind", "failure", "--verbose"]) == 0
+    assert "failure reports off (failure_reports.enabled = false)" in capsys.readouterr().out
+    assert statuses(engine) == {"pending": 1}
