@@ -302,7 +302,12 @@ def _dry_run_failure(job: ReportJob, directory: Path) -> None:
         except ValueError as exc:
             log.warning("dry run: failure report %d cannot be built: %s", n, exc)
             continue
-        name = f"failure-{n:06d}-{group.key[1]}.eml"
+        # The reported domain is a checked domain name; keep the file name
+        # plain whatever it holds.
+        shown = "".join(
+            c if c.isascii() and (c.isalnum() or c in ".-_") else "_" for c in group.key[1]
+        )
+        name = f"failure-{n:06d}-{shown[:100]}.eml"
         try:
             (directory / name).write_bytes(message)
         except OSError as exc:

@@ -319,7 +319,7 @@ class Outbox:
             # Left due: the next run sends it, once the hour has room.
             self.stats.rate_limited += 1
             return
-        parsed, _ = parse_rua(row.uri, 1)
+        parsed, _ = parse_rua(row.uri, 1, _TAG.get(row.kind, "rua"))
         if not parsed:
             self._settle(delivery_id, row.attempts, FAILED, "refused", "unusable URI", None)
             self.stats.refused += 1
