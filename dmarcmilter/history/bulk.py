@@ -16,6 +16,7 @@ elsewhere (MySQL) they are read back by key, which is indexed.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import threading
 import weakref
@@ -25,12 +26,28 @@ from typing import Any
 from sqlalchemy import Table, select
 from sqlalchemy.engine import Connection, Dialect
 
-from .models import DKIMResultRow, MessageRow, OverrideReasonRow
-from .rows import utc_timestamp
+from .models import (
+    DKIMResultRow,
+    FailureIncidentRow,
+    LateMessageRow,
+    MessageRow,
+    OverrideReasonRow,
+    ReportBounceRow,
+)
+from .rows import (
+    BOUNCES,
+    bounce_values,
+    failure_incident_values,
+    is_late,
+    utc_timestamp,
+)
 
 MESSAGES: Table = MessageRow.__table__  # type: ignore[assignment]
 DKIM_RESULTS: Table = DKIMResultRow.__table__  # type: ignore[assignment]
 OVERRIDE_REASONS: Table = OverrideReasonRow.__table__  # type: ignore[assignment]
+FAILURE_INCIDENTS: Table = FailureIncidentRow.__table__  # type: ignore[assignment]
+LATE_MESSAGES: Table = LateMessageRow.__table__  # type: ignore[assignment]
+REPORT_BOUNCES: Table = ReportBounceRow.__table__  # type: ignore[assignment]
 # Bound parameters per statement: under SQLite's 32,766 and PostgreSQL's
 # 65,535 limits, and small enough that a statement stays a few hundred KB.
 MAX_PARAMETERS = 30_000
@@ -50,7 +67,11 @@ Rejected = list[tuple[dict[str, Any], str]]
 
 
 def insert_rows(
-    conn: Connection, rows: list[dict[str, Any]], *, skip_existing: bool
+    conn: Connection,
+    rows: list[dict[str, Any]],
+    *,
+    skip_existing: bool,
+    now: dt.datetime | None = None,
 ) -> tuple[int, Rejected]:
     """Insert history rows and their children in the caller's transaction;
     (rows inserted, rows refused with the reason).
@@ -58,17 +79,30 @@ def insert_rows(
     ``skip_existing`` first asks which idempotency keys are stored already,
     as a replay must; fresh rows have fresh random keys and skip that query.
     A row that cannot even be converted is refused here, not sent.
+
+    With its message, in the same transaction, go the message's failure
+    incident (its ``failure`` entry) and its late mark (:func:`rows.is_late`
+    against ``now``, the writer's clock).  A bounce-only line (no message,
+    see :func:`rows.bounces_line`) inserts its ``report_bounces`` rows.
     """
+    written_at = now or dt.datetime.now(dt.UTC)
     rejected: Rejected = []
     seen: set[str] = set()
     fresh: list[dict[str, Any]] = []
+    bounce_lines: list[dict[str, Any]] = []
     for row in rows:
         key = row.get("idempotency_key")
         if not isinstance(key, str):
             rejected.append((row, "row without an idempotency key"))
-        elif key not in seen:
+        elif key in seen:
+            continue
+        elif BOUNCES in row:
+            seen.add(key)
+            bounce_lines.append(row)
+        else:
             seen.add(key)
             fresh.append(row)
+    bounces = _insert_bounces(conn, bounce_lines, skip_existing) if bounce_lines else 0
     if skip_existing and fresh:
         stored = _stored_keys(conn, [r["idempotency_key"] for r in fresh])
         fresh = [r for r in fresh if r["idempotency_key"] not in stored]
@@ -83,12 +117,14 @@ def insert_rows(
             continue
         kept.append(row)
     if not kept:
-        return 0, rejected
+        return bounces, rejected
     ids = messages.insert(conn, values, returning=True)
     if ids is None:
         ids = _message_ids(conn, [row["idempotency_key"] for row in kept])
     dkim: list[tuple[Any, ...]] = []
     reasons: list[tuple[Any, ...]] = []
+    incidents: list[dict[str, Any]] = []
+    late: list[dict[str, Any]] = []
     dkim_statement = _statement(conn.dialect, DKIM_RESULTS)
     reasons_statement = _statement(conn.dialect, OVERRIDE_REASONS)
     try:
@@ -100,6 +136,11 @@ def insert_rows(
                 reasons.append(
                     reasons_statement.values({**r, "message_id": message_id, "position": i})
                 )
+            incident = failure_incident_values(row, message_id)
+            if incident is not None:
+                incidents.append(incident)
+            if is_late(utc_timestamp(row["arrived_at"]), written_at):
+                late.append({"message_pk": message_id, "claim": None})
     except (KeyError, TypeError, ValueError) as exc:
         # A damaged child in a journaled row: the whole batch must not commit
         # half a message, so let the writer retry row by row.
@@ -108,7 +149,66 @@ def insert_rows(
         dkim_statement.insert(conn, dkim)
     if reasons:
         reasons_statement.insert(conn, reasons)
-    return len(kept), rejected
+    # Few rows (failures whose record asks for reports; rows replayed after
+    # the end of their day): SQLAlchemy's own executemany is enough.
+    if incidents:
+        conn.execute(FAILURE_INCIDENTS.insert(), incidents)
+    if late:
+        conn.execute(LATE_MESSAGES.insert(), late)
+    return len(kept) + bounces, rejected
+
+
+def _insert_bounces(conn: Connection, lines: list[dict[str, Any]], skip_existing: bool) -> int:
+    """Insert the bounces of bounce-only lines; the number of lines.
+
+    ``report_bounces`` has no idempotency key of its own, so a replay skips
+    a bounce already stored by what makes it unique: its received_at (to
+    the microsecond, taken by the milter) with the Message-ID and address.
+    """
+    values: list[dict[str, Any]] = []
+    try:
+        for line in lines:
+            values.extend(bounce_values(b) for b in line[BOUNCES])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedRow(f"malformed bounce: {exc!r}") from None
+    if skip_existing and values:
+        stored = _stored_bounces(conn, values)
+        values = [v for v in values if _bounce_key(v) not in stored]
+    if values:
+        conn.execute(REPORT_BOUNCES.insert(), values)
+    return len(lines)
+
+
+def _bounce_key(values: dict[str, Any]) -> tuple[dt.datetime, str, str]:
+    received = values["received_at"]
+    # SQLite and MySQL give back naive UTC; compare in that form.
+    if received.tzinfo is not None:
+        received = received.astimezone(dt.UTC).replace(tzinfo=None)
+    return received, values["original_message_id"], values["address"]
+
+
+def _stored_bounces(
+    conn: Connection, values: list[dict[str, Any]]
+) -> set[tuple[dt.datetime, str, str]]:
+    table = REPORT_BOUNCES
+    times = sorted({v["received_at"] for v in values})
+    stored: set[tuple[dt.datetime, str, str]] = set()
+    for i in range(0, len(times), KEY_CHUNK):
+        chunk = times[i : i + KEY_CHUNK]
+        query = select(table.c.received_at, table.c.original_message_id, table.c.address).where(
+            table.c.received_at.in_(chunk)
+        )
+        for received_at, message_id, address in conn.execute(query):
+            stored.add(
+                _bounce_key(
+                    {
+                        "received_at": received_at,
+                        "original_message_id": message_id,
+                        "address": address,
+                    }
+                )
+            )
+    return stored
 
 
 class MalformedRow(ValueError):

@@ -40,7 +40,7 @@ from ..policy import Decision
 from . import db
 from .bulk import insert_rows
 from .journal import SEGMENT_BYTES, Journal, JournalError, Position, encode_line
-from .rows import message_row
+from .rows import FailureMaterial, bounces_line, failure_entry, message_row
 
 log = logging.getLogger("dmarcmilter.history")
 
@@ -89,6 +89,8 @@ class WriterStats:
     journal_writable: bool
     database_up: bool
     catching_up: bool  # rows wait in the journal for the database
+    # Failure incidents that could not be built (their messages are recorded).
+    failures_lost: int = 0
 
 
 class HistoryWriter:
@@ -143,7 +145,8 @@ class HistoryWriter:
         self._retry_at = 0.0
         self._retry_delay = retry_initial
         self._counts = dict.fromkeys(
-            ("written", "replayed", "unjournaled", "rejected", "errors", "lost"), 0
+            ("written", "replayed", "unjournaled", "rejected", "errors", "lost", "failures_lost"),
+            0,
         )
         self._counts_lock = threading.Lock()
 
@@ -240,9 +243,21 @@ class HistoryWriter:
 
     # -- the mail path ---------------------------------------------------------------
 
-    def enqueue(self, evaluation: Evaluation, decision: Decision) -> None:
+    def enqueue(
+        self,
+        evaluation: Evaluation,
+        decision: Decision,
+        failure: FailureMaterial | None = None,
+    ) -> None:
         """Hand over one evaluated message, before it is answered.  Never
-        blocks on the database, never raises."""
+        blocks on the database, never raises.
+
+        ``failure`` (given when failure reports are on) is what the milter
+        holds for a failure report; when the message's record asks for one,
+        the row carries its incident (:func:`rows.failure_entry`), so the
+        journal line has it too and the incident is stored exactly when its
+        message is.
+        """
         try:
             row = message_row(evaluation, decision)
         except Exception:
@@ -252,7 +267,28 @@ class HistoryWriter:
                 evaluation.envelope.queue_id or "(no queue id)",
             )
             return
+        if failure is not None:
+            try:
+                entry = failure_entry(evaluation, decision, failure)
+            except Exception:
+                # The message's row matters more than its failure report.
+                self._count("failures_lost")
+                log.exception(
+                    "history: cannot build the failure incident of message %s; "
+                    "the message is recorded without it",
+                    evaluation.envelope.queue_id or "(no queue id)",
+                )
+                entry = None
+            if entry is not None:
+                row["failure"] = entry
         self.enqueue_row(row)
+
+    def enqueue_bounces(self, bounces: list[dict[str, Any]]) -> None:
+        """Hand over the hard bounces (:func:`rows.bounce_row`) a delivery
+        status notification to the report address names, before the milter
+        answers it; journaled like a row, stored once.  Never raises."""
+        if bounces:
+            self.enqueue_row(bounces_line(bounces))
 
     def enqueue_row(self, row: dict[str, Any]) -> None:
         """Hand over a row already built by :func:`rows.message_row`."""
@@ -332,6 +368,7 @@ class HistoryWriter:
             journal_writable=self._journal.writable,
             database_up=not self._down,
             catching_up=not self._live,
+            failures_lost=c["failures_lost"],
         )
 
     def _count(self, name: str, n: int = 1) -> None:
