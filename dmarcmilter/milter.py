@@ -582,13 +582,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         for name, value in actions.prepend:
             if name == "Authentication-Results":
                 ar = value
-        body = None
-        if settings.include_body and not txn.body_cut:
-            raw = message.raw
-            # The header section the milter rebuilt ends at the first empty line.
-            start = raw.find(b"\r\n\r\n")
-            if start >= 0:
-                body = memoryview(raw)[start + 4 :]
+        body = message.raw if settings.include_body and not txn.body_cut else None
         return FailureMaterial(settings, headers, ar, self.authserv_id, body)
 
     def _to_report_address(self, txn: _Transaction) -> bool:

@@ -529,13 +529,16 @@ def test_database_down_the_incident_is_journaled_and_replayed_once(
     writer.enqueue(evaluation, decision, material)
     writer.enqueue(evaluation, decision)  # failure reports off: no entry
     writer.close(timeout=10)
-    first, second = journal_lines(state)
-    assert first["failure"]["kinds"] == "dmarc"
+    first, second, incident = journal_lines(state)
+    assert "failure" not in first and "failure" not in second
+    # The incident was built on the writer thread, and journaled after its
+    # message's line.
+    assert incident["failure_of"] == first["idempotency_key"]
+    assert incident["failure"]["kinds"] == "dmarc"
     # Without an Authentication-Results value from the milter (it adds
     # none to a message it refuses), the writer renders one for the report.
-    assert "dmarc=fail" in first["failure"]["sample"]["authentication_results"]
-    assert "failure" not in second
-    lines = [first, second]
+    assert "dmarc=fail" in incident["failure"]["sample"]["authentication_results"]
+    lines = [first, second, incident]
     # The database is back; the journal is replayed, then replayed again
     # as after a crash before the segment was deleted.
     for _ in range(2):
@@ -790,3 +793,56 @@ def test_signatures_past_max_signatures_are_not_failed_verifications(
     results = [(s.result.value, s.reason, s.unverified) for s in evaluation.dkim.signatures]
     assert results == [("pass", "", False), ("permerror", "too many signatures", True)]
     assert not failure_reports_due(evaluation.dmarc).due
+
+
+def test_an_incident_whose_message_is_not_stored_is_set_aside(
+    migrated: str, tmp_path: Path
+) -> None:
+    from dmarcmilter.history.journal import REJECTED_FILE
+    from dmarcmilter.history.rows import failure_line
+
+    stored, missing = make_row("M1"), make_row("M2")
+    entry = {
+        "policy_domain": "example.com",
+        "reported_domain": "example.com",
+        "source_ip": "192.0.2.1",
+        "kinds": "dmarc",
+        "ruf": "mailto:f@example.com",
+        "sample": {"headers": []},
+    }
+    # M2's own line is gone (it was refused and set aside, say).
+    write_segment(tmp_path, [stored, failure_line(stored, entry), failure_line(missing, entry)])
+    writer = HistoryWriter(migrated, tmp_path)
+    writer.start()
+    assert writer.wait_idle(10)
+    writer.close()
+    assert count_rows(migrated, "failure_incidents") == 1
+    (line,) = (tmp_path / REJECTED_FILE).read_text().splitlines()
+    kept = json.loads(line)
+    assert kept["error"] == "the message of this failure incident is not stored"
+    assert kept["row"]["failure_of"] == missing["idempotency_key"]
+
+
+def test_incidents_waiting_past_the_bound_are_counted_and_logged(
+    failing: tuple[Any, ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import dmarcmilter.history.writer as writer_module
+
+    evaluation, decision, material = failing
+    monkeypatch.setattr(writer_module, "MAX_PENDING_FAILURES", 2)
+    url = f"sqlite:///{tmp_path / 'h.sqlite3'}"
+    db.upgrade(url)
+    # The writer thread sleeps: nothing takes the waiting incidents.
+    writer = HistoryWriter(url, tmp_path / "j", flush_interval=3600, batch_size=1000)
+    writer.start()
+    for _ in range(5):
+        writer.enqueue(evaluation, decision, material)
+    assert writer.stats().failures_lost == 3
+    assert writer.wait_idle(10)
+    writer.close()
+    assert count_rows(url, "messages") == 5
+    assert count_rows(url, "failure_incidents") == 2
+    assert "3 failure incidents not recorded" in caplog.text

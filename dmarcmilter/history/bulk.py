@@ -36,6 +36,7 @@ from .models import (
 )
 from .rows import (
     BOUNCES,
+    FAILURE_OF,
     bounce_values,
     failure_incident_values,
     is_late,
@@ -80,16 +81,19 @@ def insert_rows(
     as a replay must; fresh rows have fresh random keys and skip that query.
     A row that cannot even be converted is refused here, not sent.
 
-    With its message, in the same transaction, go the message's failure
-    incident (its ``failure`` entry) and its late mark (:func:`rows.is_late`
-    against ``now``, the writer's clock).  A bounce-only line (no message,
-    see :func:`rows.bounces_line`) inserts its ``report_bounces`` rows.
+    With its message, in the same transaction, goes its late mark
+    (:func:`rows.is_late` against ``now``, the writer's clock).  A failure
+    line (:func:`rows.failure_line`) inserts the incident of a message in
+    this batch or stored before, once per message; one whose message is not
+    stored is refused.  A bounce-only line (no message, see
+    :func:`rows.bounces_line`) inserts its ``report_bounces`` rows.
     """
     written_at = now or dt.datetime.now(dt.UTC)
     rejected: Rejected = []
     seen: set[str] = set()
     fresh: list[dict[str, Any]] = []
     bounce_lines: list[dict[str, Any]] = []
+    failure_lines: list[dict[str, Any]] = []
     for row in rows:
         key = row.get("idempotency_key")
         if not isinstance(key, str):
@@ -99,6 +103,9 @@ def insert_rows(
         elif BOUNCES in row:
             seen.add(key)
             bounce_lines.append(row)
+        elif FAILURE_OF in row:
+            seen.add(key)
+            failure_lines.append(row)
         else:
             seen.add(key)
             fresh.append(row)
@@ -116,14 +123,23 @@ def insert_rows(
             rejected.append((row, f"malformed row: {exc!r}"))
             continue
         kept.append(row)
+    ids: dict[str, int] = {}
+    if kept:
+        inserted = messages.insert(conn, values, returning=True)
+        ids = (
+            inserted
+            if inserted is not None
+            else _message_ids(conn, [row["idempotency_key"] for row in kept])
+        )
+    incidents = (
+        _failure_incidents(conn, failure_lines, ids, skip_existing, rejected)
+        if failure_lines
+        else 0
+    )
     if not kept:
-        return bounces, rejected
-    ids = messages.insert(conn, values, returning=True)
-    if ids is None:
-        ids = _message_ids(conn, [row["idempotency_key"] for row in kept])
+        return bounces + incidents, rejected
     dkim: list[tuple[Any, ...]] = []
     reasons: list[tuple[Any, ...]] = []
-    incidents: list[dict[str, Any]] = []
     late: list[dict[str, Any]] = []
     dkim_statement = _statement(conn.dialect, DKIM_RESULTS)
     reasons_statement = _statement(conn.dialect, OVERRIDE_REASONS)
@@ -136,9 +152,6 @@ def insert_rows(
                 reasons.append(
                     reasons_statement.values({**r, "message_id": message_id, "position": i})
                 )
-            incident = failure_incident_values(row, message_id)
-            if incident is not None:
-                incidents.append(incident)
             if is_late(utc_timestamp(row["arrived_at"]), written_at):
                 late.append({"message_pk": message_id, "claim": None})
     except (KeyError, TypeError, ValueError) as exc:
@@ -149,13 +162,60 @@ def insert_rows(
         dkim_statement.insert(conn, dkim)
     if reasons:
         reasons_statement.insert(conn, reasons)
-    # Few rows (failures whose record asks for reports; rows replayed after
-    # the end of their day): SQLAlchemy's own executemany is enough.
-    if incidents:
-        conn.execute(FAILURE_INCIDENTS.insert(), incidents)
+    # Few rows (rows replayed after the end of their day): SQLAlchemy's own
+    # executemany is enough.
     if late:
         conn.execute(LATE_MESSAGES.insert(), late)
-    return len(kept) + bounces, rejected
+    return len(kept) + bounces + incidents, rejected
+
+
+def _failure_incidents(
+    conn: Connection,
+    lines: list[dict[str, Any]],
+    ids: dict[str, int],
+    skip_existing: bool,
+    rejected: Rejected,
+) -> int:
+    """Insert the incidents of failure lines; the number of lines taken.
+
+    The message is in ``ids`` (this batch) or stored before (its line comes
+    first in the journal).  A replay skips a message that has its incident
+    already: one incident per message."""
+    wanted = [str(line[FAILURE_OF]) for line in lines if str(line[FAILURE_OF]) not in ids]
+    if wanted:
+        ids = {**ids, **_message_ids(conn, wanted)}
+    values: list[dict[str, Any]] = []
+    taken = 0
+    for line in lines:
+        message_id = ids.get(str(line[FAILURE_OF]))
+        if message_id is None:
+            rejected.append((line, "the message of this failure incident is not stored"))
+            continue
+        try:
+            incident = failure_incident_values(line, message_id)
+        except (KeyError, TypeError, ValueError) as exc:
+            rejected.append((line, f"malformed failure incident: {exc!r}"))
+            continue
+        taken += 1
+        if incident is not None:
+            values.append(incident)
+    if skip_existing and values:
+        have = _incident_messages(conn, [v["message_pk"] for v in values])
+        values = [v for v in values if v["message_pk"] not in have]
+    # One per message, also within a batch.
+    unique = {v["message_pk"]: v for v in values}
+    if unique:
+        conn.execute(FAILURE_INCIDENTS.insert(), list(unique.values()))
+    return taken
+
+
+def _incident_messages(conn: Connection, message_ids: list[int]) -> set[int]:
+    table = FAILURE_INCIDENTS
+    have: set[int] = set()
+    for i in range(0, len(message_ids), KEY_CHUNK):
+        chunk = message_ids[i : i + KEY_CHUNK]
+        have.update(conn.scalars(select(table.c.message_pk).where(table.c.message_pk.in_(chunk))))
+    return have
 
 
 def _insert_bounces(conn: Connection, lines: list[dict[str, Any]], skip_existing: bool) -> int:

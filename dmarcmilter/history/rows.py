@@ -465,22 +465,48 @@ def incident_from_sample(
 
 class FailureMaterial(NamedTuple):
     """What only the milter has for a failure report, handed to the writer
-    by reference: nothing here is copied or parsed on the mail path.
+    by reference: the milter neither parses nor decides anything for it.
 
     ``headers`` is the header field list the milter holds, values as
     received; ``authentication_results`` the value it added ("" when the
-    message was refused, and none was added: it is then rendered for the
-    report, under ``authserv_id``, only when a report is due); ``body`` the
-    message body as a view into the message's bytes, only when
-    ``failure_reports.include_body`` (None otherwise, or when the milter
-    did not keep the body).
+    message was refused and none was added: it is then rendered for the
+    report, under ``authserv_id``, only when a report is due).  With
+    ``failure_reports.include_body``, ``message`` is the message's bytes as
+    the milter rebuilt them (None otherwise, or when the milter did not keep
+    the body); the writer's enqueue cuts its body to MAX_SAMPLE_BODY_BYTES
+    (``body``; ``body_left`` counts the rest) when a report may be due, so
+    that a waiting incident does not hold a whole message.
     """
 
     settings: FailureReportsConfig
     headers: Sequence[tuple[str, str]]
     authentication_results: str
     authserv_id: str
-    body: memoryview | None = None
+    message: bytes | None = None
+    body: bytes | None = None
+    body_left: int = 0
+
+
+def failure_candidate(evaluation: Evaluation) -> bool:
+    """Whether a failure report could be due at all: the policy record has
+    a ``ruf`` and is not a public suffix's (psd=y).  Three attribute reads,
+    on the mail path; everything else is the writer thread's."""
+    record = evaluation.dmarc.record
+    return record is not None and bool(record.ruf) and record.psd is not PSDFlag.YES
+
+
+def kept_material(material: FailureMaterial) -> FailureMaterial:
+    """``material`` as a waiting incident keeps it: the message's body cut
+    to what a sample stores (a copy of at most MAX_SAMPLE_BODY_BYTES), the
+    message itself let go."""
+    raw = material.message
+    if raw is None:
+        return material
+    # The header section the milter rebuilt ends at its first empty line.
+    start = raw.find(b"\r\n\r\n")
+    body = raw[start + 4 : start + 4 + MAX_SAMPLE_BODY_BYTES] if start >= 0 else b""
+    left = max(0, len(raw) - start - 4 - MAX_SAMPLE_BODY_BYTES) if start >= 0 else 0
+    return material._replace(message=None, body=body, body_left=left)
 
 
 def domain_selected(domain: str, settings: FailureReportsConfig) -> bool:
@@ -508,23 +534,21 @@ def _under_any(name: str, domains: tuple[str, ...]) -> bool:
 def failure_entry(
     evaluation: Evaluation, decision: Decision, material: FailureMaterial
 ) -> dict[str, Any] | None:
-    """The ``failure`` entry of a message's row when its policy record asks
-    for a failure report and the operator reports on its author domain;
-    None otherwise.
+    """The failure incident of a message when its policy record asks for a
+    failure report and the operator reports on its author domain; None
+    otherwise.  Runs on the writer thread.
 
     The decision is :func:`failure_reports_due`; the incident is built by
     :func:`incident_from_evaluation` and stored as :func:`failure_sample`
-    (capped).  Most messages stop at the first test: no record with a
-    usable ``ruf``, or a psd=y one.
+    (capped).
     """
-    dmarc = evaluation.dmarc
-    record = dmarc.record
-    if record is None or not record.ruf or record.psd is PSDFlag.YES:
+    if not failure_candidate(evaluation):
         return None
+    dmarc = evaluation.dmarc
     # The Author Domain whose record was evaluated (for a malformed From,
     # the recovered one whose policy applied), as the incident names it.
     author = dmarc.author_domain or ""
-    if not domain_selected(author, material.settings):
+    if not dmarc.policy_domain or not domain_selected(author, material.settings):
         return None
     due = failure_reports_due(dmarc)
     if not due.due:
@@ -532,22 +556,21 @@ def failure_entry(
     ar = material.authentication_results
     if not ar:
         ar = render(evaluation, material.authserv_id)
-    view = material.body
-    body = None if view is None else bytes(view[:MAX_SAMPLE_BODY_BYTES])
+    material = kept_material(material)
     incident = incident_from_evaluation(
         evaluation,
         decision,
         due.kinds[0],
-        headers=_sample_headers(material.headers),
+        headers=material.headers,
         authentication_results=ar,
-        body=body,
+        body=material.body,
     )
     spf_record = dmarc.spf.spf.record
     if spf_record:
         incident = dataclasses.replace(incident, spf_record=spf_record)
     sample = failure_sample(incident)
-    if view is not None and len(view) > MAX_SAMPLE_BODY_BYTES:
-        sample["cut"].append(f"{len(view) - MAX_SAMPLE_BODY_BYTES} bytes of the body")
+    if material.body_left:
+        sample["cut"].append(f"{material.body_left} bytes of the body")
     ruf, _left = _uri_list(tuple(d.uri for d in due.destinations))
     return {
         "policy_domain": dmarc.policy_domain,
@@ -559,24 +582,27 @@ def failure_entry(
     }
 
 
-def _sample_headers(headers: Sequence[tuple[str, str]]) -> Sequence[tuple[str, str]]:
-    """The header fields a sample can hold, without copying an honest
-    header section: failure_sample keeps at most MAX_SAMPLE_HEADER_BYTES
-    of them, and a hostile header section (the milter keeps up to
-    milter.MAX_HEADER_BYTES) is cut here first, in one pass over at most
-    that much, so the incident does not hold a copy of all of it."""
-    size = 0
-    for n, (name, value) in enumerate(headers):
-        size += len(name) + len(value) + 4
-        if size > MAX_SAMPLE_HEADER_BYTES:
-            # One more than fits: failure_sample then says what was cut.
-            return headers[: n + 1]
-    return headers
+# The key of a failure line: the idempotency key of the message whose
+# incident it carries.
+FAILURE_OF = "failure_of"
+
+
+def failure_line(message: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """The journal line of a message's failure incident.  It follows the
+    message's own line, and is stored once the message is (the incident
+    goes with the message's id; a replay stores it at most once per
+    message)."""
+    return {
+        "idempotency_key": new_idempotency_key(),
+        FAILURE_OF: message["idempotency_key"],
+        "arrived_at": message["arrived_at"],
+        "failure": entry,
+    }
 
 
 def failure_incident_values(row: dict[str, Any], message_id: int) -> dict[str, Any] | None:
-    """The ``failure_incidents`` row of a history row with a ``failure``
-    entry (None without one: rows journaled by earlier versions have none).
+    """The ``failure_incidents`` row of a failure line (:func:`failure_line`)
+    for the message stored as ``message_id``; None without an entry.
     Raises KeyError, TypeError or ValueError for a damaged entry."""
     failure = row.get("failure")
     if failure is None:

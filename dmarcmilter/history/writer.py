@@ -18,6 +18,15 @@ Guarantees, in order of importance:
    appended to the journal (a full or read-only file system) nor stored in
    the database before it must leave memory; each is counted once and
    logged.
+
+Failure incidents (RFC 9991 failure reports due) are the exception to the
+first guarantee, by design: deciding and building one costs more than the
+rest of the row, so the milter only hands the writer what it holds, and the
+writer thread builds the incident at its next cycle and journals it as a
+line of its own, after its message's line (then stored like any row, once
+per message).  A process kill in between (a flush interval, 0.25 s) loses
+those incidents, never their messages; at most MAX_PENDING_FAILURES wait,
+and the rest are counted (``failures_lost``) and logged.
 """
 
 from __future__ import annotations
@@ -40,7 +49,15 @@ from ..policy import Decision
 from . import db
 from .bulk import insert_rows
 from .journal import SEGMENT_BYTES, Journal, JournalError, Position, encode_line
-from .rows import FailureMaterial, bounces_line, failure_entry, message_row
+from .rows import (
+    FailureMaterial,
+    bounces_line,
+    failure_candidate,
+    failure_entry,
+    failure_line,
+    kept_material,
+    message_row,
+)
 
 log = logging.getLogger("dmarcmilter.history")
 
@@ -54,6 +71,10 @@ RETRY_MAX = 30.0
 # lost are reported while that lasts.
 JOURNAL_RETRY = 1.0
 TROUBLE_LOG_INTERVAL = 30.0
+# Messages whose failure incident waits for the writer thread (each holds
+# its evaluation, header fields and at most MAX_SAMPLE_BODY_BYTES of body).
+# Past it an incident is not recorded (failures_lost, logged).
+MAX_PENDING_FAILURES = 10_000
 
 
 class Queued(NamedTuple):
@@ -149,6 +170,13 @@ class HistoryWriter:
             0,
         )
         self._counts_lock = threading.Lock()
+        # Messages whose failure incident the writer thread has to build:
+        # (row, evaluation, decision, material).  deque.append and popleft
+        # are atomic: the milter threads append, the writer thread takes.
+        self._failures: collections.deque[
+            tuple[dict[str, Any], Evaluation, Decision, FailureMaterial]
+        ] = collections.deque()
+        self._failures_reported = 0
 
     @property
     def journal_directory(self) -> Path:
@@ -217,6 +245,10 @@ class HistoryWriter:
             self._queue.clear()
             self._closed = True
         lost = sum(1 for item in left if item.start is None)
+        if self._failures:
+            # The thread did not finish: these incidents were never built.
+            self._count("failures_lost", len(self._failures))
+            self._failures.clear()
         if lost:
             # Neither in the journal nor in the database: nothing keeps them.
             self._count("lost", lost)
@@ -233,7 +265,7 @@ class HistoryWriter:
         maintenance); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._queue or not self._live or self._busy:
+            while self._queue or self._failures or not self._live or self._busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -253,10 +285,11 @@ class HistoryWriter:
         blocks on the database, never raises.
 
         ``failure`` (given when failure reports are on) is what the milter
-        holds for a failure report; when the message's record asks for one,
-        the row carries its incident (:func:`rows.failure_entry`), so the
-        journal line has it too and the incident is stored exactly when its
-        message is.
+        holds for a failure report.  When the message's record has a ruf
+        (:func:`rows.failure_candidate`), it waits, with the evaluation,
+        for the writer thread, which decides whether a report is due and
+        builds the incident (:func:`rows.failure_entry`) off the mail path;
+        the incident's own journal line follows the message's.
         """
         try:
             row = message_row(evaluation, decision)
@@ -267,21 +300,13 @@ class HistoryWriter:
                 evaluation.envelope.queue_id or "(no queue id)",
             )
             return
-        if failure is not None:
-            try:
-                entry = failure_entry(evaluation, decision, failure)
-            except Exception:
-                # The message's row matters more than its failure report.
-                self._count("failures_lost")
-                log.exception(
-                    "history: cannot build the failure incident of message %s; "
-                    "the message is recorded without it",
-                    evaluation.envelope.queue_id or "(no queue id)",
-                )
-                entry = None
-            if entry is not None:
-                row["failure"] = entry
         self.enqueue_row(row)
+        if failure is not None and failure_candidate(evaluation):
+            pending = self._failures
+            if len(pending) < MAX_PENDING_FAILURES:
+                pending.append((row, evaluation, decision, kept_material(failure)))
+            else:
+                self._count("failures_lost")
 
     def enqueue_bounces(self, bounces: list[dict[str, Any]]) -> None:
         """Hand over the hard bounces (:func:`rows.bounce_row`) a delivery
@@ -398,7 +423,26 @@ class HistoryWriter:
             if stopping:
                 return
 
+    def _record_failures(self) -> None:
+        """Build the failure incidents waiting for the writer thread and
+        hand each over as a line of its own, after its message's line."""
+        pending = self._failures
+        while pending:
+            row, evaluation, decision, material = pending.popleft()
+            try:
+                entry = failure_entry(evaluation, decision, material)
+                if entry is not None:
+                    self.enqueue_row(failure_line(row, entry))
+            except Exception:
+                self._count("failures_lost")
+                log.exception(
+                    "history: cannot build the failure incident of message %s; "
+                    "the message is recorded without it",
+                    evaluation.envelope.queue_id or "(no queue id)",
+                )
+
     def _cycle(self, stopping: bool) -> None:
+        self._record_failures()
         self._report_trouble()
         now = time.monotonic()
         if not self._journal.writable and now >= self._journal_retry_at:
@@ -458,6 +502,17 @@ class HistoryWriter:
             return
         with self._counts_lock:
             unjournaled, lost = self._counts["unjournaled"], self._counts["lost"]
+            failures_lost = self._counts["failures_lost"]
+        if failures_lost > self._failures_reported:
+            log.error(
+                "history: %d failure incidents not recorded (%d in all since start): "
+                "more than %d waited for the writer thread, or they could not be built",
+                failures_lost - self._failures_reported,
+                failures_lost,
+                MAX_PENDING_FAILURES,
+            )
+            self._failures_reported = failures_lost
+            self._report_at = now + TROUBLE_LOG_INTERVAL
         new_unjournaled = unjournaled - self._reported[0]
         new_lost = lost - self._reported[1]
         if not new_unjournaled and not new_lost:
