@@ -846,3 +846,25 @@ def test_incidents_waiting_past_the_bound_are_counted_and_logged(
     assert count_rows(url, "messages") == 5
     assert count_rows(url, "failure_incidents") == 2
     assert "3 failure incidents not recorded" in caplog.text
+
+
+def test_a_dmarc_report_does_not_name_a_signature_we_left_unverified(
+    start: Start, dns_server: TestDNSServer
+) -> None:
+    zone = dict(ZONE)
+    zone["_dmarc.fod.example"] = [("TXT", "v=DMARC1; p=none; ruf=mailto:ruf@fod.example; fo=1")]
+    daemon = start({**ON, "milter": {"max_body_bytes": 1024}})
+    dns_server.set_zone(zone)
+    big = dkim_sign(make_message(from_="alice@fod.example", body="y" * 4000), "fod.example", "s1")
+    small = dkim_sign(make_message(from_="alice@fod.example"), "fod.example", "s1")
+    broken = small.replace(b"the report", b"the rep0rt", 1)
+    # SPF fails to align (another MAIL FROM domain): DMARC fails, fo=1.
+    send(daemon, big, sender="b@elsewhere.example", queue_id="U1")
+    send(daemon, broken, sender="b@elsewhere.example", queue_id="U2")
+    assert daemon.stop() == 0
+    first, second = incidents(daemon)
+    assert (first["queue_id"], first["kinds"]) == ("U1", "dmarc")
+    assert first["sample"]["dkim_failed"] == []
+    assert "body larger than 1024 bytes" in first["sample"]["authentication_results"]
+    # A signature that did fail is named.
+    assert [s["result"] for s in second["sample"]["dkim_failed"]] == ["fail"]

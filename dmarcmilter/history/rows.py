@@ -565,6 +565,18 @@ def failure_entry(
         authentication_results=ar,
         body=material.body,
     )
+    unverified = {
+        (v.signature.domain, v.signature.selector, v.signature.reason)
+        for v in dmarc.dkim
+        if v.signature.unverified
+    }
+    if unverified:
+        # Left unverified at our own limit: not a failed signature, so not
+        # named as one (nor counted in Identity-Alignment).
+        failed = tuple(
+            s for s in incident.dkim_failed if (s.domain, s.selector, s.reason) not in unverified
+        )
+        incident = dataclasses.replace(incident, dkim_failed=failed)
     spf_record = dmarc.spf.spf.record
     if spf_record:
         incident = dataclasses.replace(incident, spf_record=spf_record)
