@@ -71,6 +71,7 @@ from .policy import (
     skip_reason,
 )
 from .report.dsn import parse_dsn
+from .report.guard import is_report_message_id
 from .resolver import Resolver
 from .upstream import AUTHENTICATION_RESULTS, UpstreamTrust, own_ids, upstream_results
 
@@ -607,6 +608,10 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             message_id = report.original_message_id
             hard = report.hard_bounces
             if not report.is_dsn or message_id is None or not hard:
+                return 0
+            if not is_report_message_id(message_id, self.runtime.config):
+                # Not one of our report mails (other mail to the address
+                # bounced, or a guess): nothing to record.
                 return 0
             if len(hard) > MAX_BOUNCES_PER_MESSAGE:
                 log.warning(

@@ -868,3 +868,24 @@ def test_a_dmarc_report_does_not_name_a_signature_we_left_unverified(
     assert "body larger than 1024 bytes" in first["sample"]["authentication_results"]
     # A signature that did fail is named.
     assert [s["result"] for s in second["sample"]["dkim_failed"]] == ["fail"]
+
+
+def test_a_bounce_of_other_mail_to_the_report_address_is_not_recorded(start: Start) -> None:
+    daemon = start()
+    hard = [("a@fo1.example", "failed", "5.1.1")]
+    others = [
+        "<20261205.abc@mx.other.example>",  # someone else's mail
+        report_message_id("mx.other.example", "r1", "t1"),  # another submitter
+        f"<r0123456789@{SUBMITTER}>",  # our form without a delivery token
+    ]
+    for message_id in others:
+        send(
+            daemon,
+            dsn(hard, message_id=message_id),
+            ip="198.51.100.7",
+            sender="",
+            recipients=(REPORT_ADDRESS,),
+        )
+    daemon.wait_log("message", len(others))
+    assert daemon.stop() == 0
+    assert bounces(daemon) == []

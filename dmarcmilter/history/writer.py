@@ -301,7 +301,7 @@ class HistoryWriter:
             )
             return
         self.enqueue_row(row)
-        if failure is not None and failure_candidate(evaluation):
+        if failure is not None and not self._closed and failure_candidate(evaluation):
             pending = self._failures
             if len(pending) < MAX_PENDING_FAILURES:
                 pending.append((row, evaluation, decision, kept_material(failure)))
