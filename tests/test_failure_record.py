@@ -889,3 +889,15 @@ def test_a_bounce_of_other_mail_to_the_report_address_is_not_recorded(start: Sta
     daemon.wait_log("message", len(others))
     assert daemon.stop() == 0
     assert bounces(daemon) == []
+
+
+def test_a_tempfailed_message_gets_its_incident_when_it_is_answered(
+    failing: tuple[Any, ...],
+) -> None:
+    from dmarcmilter.history.rows import failure_entry
+    from dmarcmilter.policy import Action
+
+    evaluation, decision, material = failing
+    assert failure_entry(evaluation, decision, material) is not None
+    deferred = dataclasses.replace(decision, action=Action.TEMPFAIL)
+    assert failure_entry(evaluation, deferred, material) is None

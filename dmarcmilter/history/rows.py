@@ -25,7 +25,7 @@ from ..authres.render import render
 from ..config import FailureReportsConfig
 from ..dmarc import Alignment, DKIMVerdict
 from ..evaluation import Evaluation
-from ..policy import Decision
+from ..policy import Action, Decision
 from ..record import DMARCRecord, PSDFlag
 from ..report.failure import FailureKind, failure_reports_due
 from ..report.failure_mail import (
@@ -542,7 +542,8 @@ def failure_entry(
     :func:`incident_from_evaluation` and stored as :func:`failure_sample`
     (capped).
     """
-    if not failure_candidate(evaluation):
+    if not failure_candidate(evaluation) or decision.action is Action.TEMPFAIL:
+        # A tempfailed message comes back, and is reported when answered.
         return None
     dmarc = evaluation.dmarc
     # The Author Domain whose record was evaluated (for a malformed From,
