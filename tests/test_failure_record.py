@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -901,3 +902,34 @@ def test_a_tempfailed_message_gets_its_incident_when_it_is_answered(
     assert failure_entry(evaluation, decision, material) is not None
     deferred = dataclasses.replace(decision, action=Action.TEMPFAIL)
     assert failure_entry(evaluation, deferred, material) is None
+
+
+def test_database_down_under_the_daemon_then_replayed_once(start: Start) -> None:
+    """The daemon runs with its database down: the failing message's row
+    and its incident wait in the journal; the next start, with the database
+    back, stores each once.  (A second replay of the same lines stores
+    nothing again: test_database_down_the_incident_is_journaled_and_replayed_once.)"""
+    daemon = start({**ON, "database": {"url": DEAD_PG}})
+    send(daemon, make_message(from_="alice@fo1.example"), queue_id="J1")
+    send(daemon, make_message(from_="alice@norm.example"), queue_id="J2")
+    daemon.wait_log("message", 2)
+    assert daemon.stop() == 0
+    lines = journal_lines(daemon.state_dir)
+    assert [line.get("queue_id") for line in lines] == ["J1", "J2", None]
+    assert lines[2]["failure_of"] == lines[0]["idempotency_key"]
+    daemon.write_config(
+        {
+            "failure_reports": {"enabled": True},
+            "report": {"org_name": "R", "from_address": REPORT_ADDRESS},
+        }
+    )
+    replayed = daemon.log_text().count("history journal replayed")
+    daemon.start(wait=False)
+    deadline = time.monotonic() + 30
+    while daemon.log_text().count("history journal replayed") == replayed:
+        assert time.monotonic() < deadline, daemon.log_text()[-2000:]
+        time.sleep(0.02)
+    assert daemon.stop() == 0
+    assert query(daemon, "SELECT queue_id FROM messages ORDER BY id") == [("J1",), ("J2",)]
+    assert [i["queue_id"] for i in incidents(daemon)] == ["J1"]
+    assert journal_lines(daemon.state_dir) == []
