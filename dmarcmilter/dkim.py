@@ -643,7 +643,9 @@ class DKIMVerifier:
             if select is not None and not select(self._domains[index]):
                 continue
             if self._verified >= self._max:
-                self._results[index] = _unverifiable(header[1], "too many signatures")
+                self._results[index] = _unverifiable(
+                    header[1], "too many signatures", unverified=True
+                )
                 continue
             self._verified += 1
             self._results[index] = _verify_one(
@@ -660,7 +662,7 @@ class DKIMVerifier:
             tuple(
                 result
                 if result is not None
-                else _unverifiable(self._headers[index][1], "not verified")
+                else _unverifiable(self._headers[index][1], "not verified", unverified=True)
                 for index, result in enumerate(self._results)
             )
         )
@@ -668,8 +670,11 @@ class DKIMVerifier:
 
 def unverified(message: bytes, reason: str) -> DKIMOutcome:
     """Every signature of ``message`` as permerror with ``reason``, without
-    verifying: for a message whose body was too large to keep."""
-    return DKIMOutcome(tuple(_unverifiable(v, reason) for v in _scan_signature_values(message)))
+    verifying: for a message whose body was too large to keep.  Each is
+    marked ``unverified``: our limit, not the signer's failure."""
+    return DKIMOutcome(
+        tuple(_unverifiable(v, reason, unverified=True) for v in _scan_signature_values(message))
+    )
 
 
 def _verify_one(
@@ -949,7 +954,7 @@ def _b64_decode(value: bytes) -> bytes | None:
         return None
 
 
-def _unverifiable(value: bytes, reason: str) -> DKIMSignatureResult:
+def _unverifiable(value: bytes, reason: str, *, unverified: bool = False) -> DKIMSignatureResult:
     info = loose_tags(value)
     return DKIMSignatureResult(
         domain=domain_or_empty(info.get(b"d", b"")),
@@ -959,6 +964,7 @@ def _unverifiable(value: bytes, reason: str) -> DKIMSignatureResult:
         algorithm=header_text(info.get(b"a", b"")),
         identity=header_text(info.get(b"i", b"")),
         header_b=header_text(_WSP.sub(b"", info.get(b"b", b""))[:_HEADER_B_LEN]),
+        unverified=unverified,
     )
 
 

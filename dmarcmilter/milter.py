@@ -37,6 +37,7 @@ adding and changing header fields and quarantine.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import functools
 import ipaddress
 import logging
@@ -54,8 +55,9 @@ from .actions import MilterActions, forged_fields, plan
 from .config import Config
 from .errors import InputError
 from .evaluation import Envelope, Evaluation, evaluate
+from .history.rows import MAX_BOUNCES_PER_MESSAGE, FailureMaterial, bounce_row
 from .history.writer import HistoryWriter
-from .message import MessageBuffer
+from .message import Message, MessageBuffer
 from .policy import (
     Action,
     Decision,
@@ -68,6 +70,8 @@ from .policy import (
     safe_reply_text,
     skip_reason,
 )
+from .report.dsn import parse_dsn
+from .report.guard import is_report_message_id
 from .resolver import Resolver
 from .upstream import AUTHENTICATION_RESULTS, UpstreamTrust, own_ids, upstream_results
 
@@ -121,6 +125,9 @@ class Runtime:
     host_name: str  # this host's name, looked up once (it may take DNS)
     owned_ids: frozenset[str]
     upstream_trust: UpstreamTrust
+    # report.from_address, lower-cased: mail to it may be a bounce of our
+    # report mail ("" when unset).
+    report_address: str = ""
 
     @classmethod
     def build(cls, config: Config, previous: Runtime | None = None) -> Runtime:
@@ -140,6 +147,7 @@ class Runtime:
             host_name,
             owned,
             UpstreamTrust.from_config(config.headers),
+            config.report.from_address.lower(),
         )
 
 
@@ -487,18 +495,27 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             # Not evaluated; forged fields are already gone.  A header
             # that was cut is refused all the same.
             refusal = None if context.header_complete else incomplete_header(config.policy)
+            bounces = 0
             if refusal is not None:
                 code = self._verdict_code(
                     MilterActions(verdict=refusal.action, reply=refusal.reply)
                 )
             else:
                 code = CONTINUE
+                if self._to_report_address(txn):
+                    # A bounce of our report mail, often relayed by a
+                    # trusted smarthost: its facts are recorded all the same.
+                    buffer = txn.buffer
+                    txn.buffer = None
+                    if buffer is not None:
+                        bounces = self._record_bounces(buffer.message())
             self._log_line(
                 txn,
                 started,
                 skipped=skip,
                 removed_ar=removed,
                 action=refusal.action.value if refusal else "accept",
+                report_bounces=bounces,
             )
             return code
         # A body cut at the limit was let go: the message is its header.
@@ -524,8 +541,15 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         own_report = not recorded(headers, config)
         failed = self._apply(actions)
         code = self._verdict_code(actions)
-        if self.state.writer is not None and not own_report and not failed:
-            self.state.writer.enqueue(evaluation, decision)
+        bounces = 0
+        if self.state.writer is not None and not failed:
+            if not own_report:
+                material = None
+                if config.failure_reports.enabled:
+                    material = self._failure_material(txn, headers, actions, message)
+                self.state.writer.enqueue(evaluation, decision, material)
+            if code == CONTINUE and self._to_report_address(txn):
+                bounces = self._record_bounces(message)
         message_log.info(
             "message",
             extra={
@@ -539,10 +563,81 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                     body_cut=txn.body_cut,
                     headers_cut=txn.headers_cut,
                     own_report=own_report,
+                    report_bounces=bounces,
                 )
             },
         )
         return code
+
+    def _failure_material(
+        self,
+        txn: _Transaction,
+        headers: list[tuple[str, str]],
+        actions: MilterActions,
+        message: Message,
+    ) -> FailureMaterial:
+        """What only the milter has for a failure report, by reference: the
+        writer decides whether one is due and builds it (rows.failure_entry)."""
+        settings = self.runtime.config.failure_reports
+        ar = ""
+        for name, value in actions.prepend:
+            if name == "Authentication-Results":
+                ar = value
+        body = message.raw if settings.include_body and not txn.body_cut else None
+        return FailureMaterial(settings, headers, ar, self.authserv_id, body)
+
+    def _to_report_address(self, txn: _Transaction) -> bool:
+        """Whether a recipient is our report address (report.from_address),
+        where bounces of our report mail come back; compared ignoring case."""
+        address = self.runtime.report_address
+        if not address:
+            return False
+        return any(r.lower() == address for r in txn.recipients)
+
+    def _record_bounces(self, message: Message) -> int:
+        """Hand the hard bounces a delivery status notification names to the
+        writer; how many.  Only facts are recorded: the report job checks
+        that the Message-ID is one of our report mails (its secret token)
+        and that the address is where that mail went, so a forged DSN does
+        nothing.  Never raises: a bounce must not change the verdict."""
+        writer = self.state.writer
+        if writer is None:
+            return 0
+        try:
+            report = parse_dsn(message)
+            message_id = report.original_message_id
+            hard = report.hard_bounces
+            if not report.is_dsn or message_id is None or not hard:
+                return 0
+            if not is_report_message_id(message_id, self.runtime.config):
+                # Not one of our report mails (other mail to the address
+                # bounced, or a guess): nothing to record.
+                return 0
+            if len(hard) > MAX_BOUNCES_PER_MESSAGE:
+                log.warning(
+                    "delivery status notification names %d hard bounces; the first %d are recorded",
+                    len(hard),
+                    MAX_BOUNCES_PER_MESSAGE,
+                )
+                hard = hard[:MAX_BOUNCES_PER_MESSAGE]
+            now = dt.datetime.now(dt.UTC)
+            writer.enqueue_bounces(
+                [
+                    bounce_row(
+                        now,
+                        message_id,
+                        r.address,
+                        r.status,
+                        r.diagnostic,
+                        report.reporting_mta,
+                    )
+                    for r in hard
+                ]
+            )
+            return len(hard)
+        except Exception:
+            log.exception("cannot record the bounces of a delivery status notification")
+            return 0
 
     def _client_address(self) -> str | None:
         """The client address from the connect macros, for a connection whose

@@ -9,7 +9,7 @@ them and never queries DNS for SPF or DKIM again.  Result codes are the RFC
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class SPFResultCode(enum.Enum):
@@ -44,6 +44,10 @@ class SPFResult:
     reason: str = ""
     # The identity as checked, e.g. "user@example.com" or "postmaster@helo.example".
     identity: str = ""
+    # The SPF TXT record of ``domain`` as evaluated (RFC 6652 SPF-DNS in a
+    # failure report), cut at spf.MAX_RECORD_CHARS; "" when none was found.
+    # Not compared: it is what was seen, not part of the result.
+    record: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,11 @@ class DKIMSignatureResult:
     algorithm: str = ""  # a=
     identity: str = ""  # i=
     header_b: str = ""  # the first characters of b=, RFC 6008 header.b
+    # Left unverified at a limit of ours (the body past milter.max_body_bytes,
+    # signatures past dkim.max_signatures): recorded as permerror, but the
+    # signer did nothing wrong, so it is never reported as a failed
+    # verification (fo=d).
+    unverified: bool = False
 
 
 @dataclass(frozen=True, slots=True)

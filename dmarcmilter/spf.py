@@ -26,6 +26,10 @@ from .results import SPFOutcome, SPFResult, SPFResultCode, SPFScope
 __all__ = ["check_spf", "mail_from_domain"]
 
 _REASON_MAX = 200
+# The evaluated record kept on the result (RFC 6652 SPF-DNS in a failure
+# report); a longer one is cut here (a TXT record may be 64 KB of the
+# sender's choosing), and the history stores at most rows.MAX_TEXT_BYTES.
+MAX_RECORD_CHARS = 2048
 _RESULT_CODES = {code.value: code for code in SPFResultCode}
 # pyspf prefixes its error texts; the result code already says as much.
 _PYSPF_PREFIXES = ("SPF Permanent Error: ", "SPF Temporary Error: ")
@@ -85,6 +89,17 @@ spf.DNSLookup = _dns_lookup
 
 class _Query(spf.query):  # type: ignore[misc]
     """pyspf's evaluator with two departures that RFC 7208 asks for."""
+
+    # The check_host() domain's own record, as found: the first record
+    # pyspf looks up (include: and redirect= lookups come after it).
+    top_record: str | None = None
+
+    def dns_spf(self, domain: str) -> str | None:
+        record: str | None = super().dns_spf(domain)
+        if self.top_record is None:
+            # A reference to pyspf's own string; only an oversized one is cut.
+            self.top_record = record[:MAX_RECORD_CHARS] if record else ""
+        return record
 
     def get_explanation(self, spec: str) -> None:
         # exp= only supplies the SMTP reply text of a fail (RFC 7208 §6.2),
@@ -335,7 +350,12 @@ def _evaluate(ip: str, helo: str, identity: _Identity, scope: SPFScope) -> SPFRe
             identity.sender,
         )
     return SPFResult(
-        code, identity.domain, scope, _reason(code, query, text, identity), identity.sender
+        code,
+        identity.domain,
+        scope,
+        _reason(code, query, text, identity),
+        identity.sender,
+        _clean_record(query.top_record or ""),
     )
 
 
@@ -352,6 +372,14 @@ def _reason(code: SPFResultCode, query: _Query, text: str, identity: _Identity) 
     if mechanism:
         return _clean(f"matched {mechanism}")
     return "no mechanism matched"
+
+
+def _clean_record(record: str) -> str:
+    # pyspf hands an SPF record over only when it is ASCII; control
+    # characters are still possible and must not reach a report header.
+    if record.isprintable():
+        return record
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in record)
 
 
 def _clean(text: str) -> str:

@@ -16,6 +16,7 @@ elsewhere (MySQL) they are read back by key, which is indexed.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import threading
 import weakref
@@ -25,12 +26,29 @@ from typing import Any
 from sqlalchemy import Table, select
 from sqlalchemy.engine import Connection, Dialect
 
-from .models import DKIMResultRow, MessageRow, OverrideReasonRow
-from .rows import utc_timestamp
+from .models import (
+    DKIMResultRow,
+    FailureIncidentRow,
+    LateMessageRow,
+    MessageRow,
+    OverrideReasonRow,
+    ReportBounceRow,
+)
+from .rows import (
+    BOUNCES,
+    FAILURE_OF,
+    bounce_values,
+    failure_incident_values,
+    is_late,
+    utc_timestamp,
+)
 
 MESSAGES: Table = MessageRow.__table__  # type: ignore[assignment]
 DKIM_RESULTS: Table = DKIMResultRow.__table__  # type: ignore[assignment]
 OVERRIDE_REASONS: Table = OverrideReasonRow.__table__  # type: ignore[assignment]
+FAILURE_INCIDENTS: Table = FailureIncidentRow.__table__  # type: ignore[assignment]
+LATE_MESSAGES: Table = LateMessageRow.__table__  # type: ignore[assignment]
+REPORT_BOUNCES: Table = ReportBounceRow.__table__  # type: ignore[assignment]
 # Bound parameters per statement: under SQLite's 32,766 and PostgreSQL's
 # 65,535 limits, and small enough that a statement stays a few hundred KB.
 MAX_PARAMETERS = 30_000
@@ -50,7 +68,11 @@ Rejected = list[tuple[dict[str, Any], str]]
 
 
 def insert_rows(
-    conn: Connection, rows: list[dict[str, Any]], *, skip_existing: bool
+    conn: Connection,
+    rows: list[dict[str, Any]],
+    *,
+    skip_existing: bool,
+    now: dt.datetime | None = None,
 ) -> tuple[int, Rejected]:
     """Insert history rows and their children in the caller's transaction;
     (rows inserted, rows refused with the reason).
@@ -58,17 +80,36 @@ def insert_rows(
     ``skip_existing`` first asks which idempotency keys are stored already,
     as a replay must; fresh rows have fresh random keys and skip that query.
     A row that cannot even be converted is refused here, not sent.
+
+    With its message, in the same transaction, goes its late mark
+    (:func:`rows.is_late` against ``now``, the writer's clock).  A failure
+    line (:func:`rows.failure_line`) inserts the incident of a message in
+    this batch or stored before, once per message; one whose message is not
+    stored is refused.  A bounce-only line (no message, see
+    :func:`rows.bounces_line`) inserts its ``report_bounces`` rows.
     """
+    written_at = now or dt.datetime.now(dt.UTC)
     rejected: Rejected = []
     seen: set[str] = set()
     fresh: list[dict[str, Any]] = []
+    bounce_lines: list[dict[str, Any]] = []
+    failure_lines: list[dict[str, Any]] = []
     for row in rows:
         key = row.get("idempotency_key")
         if not isinstance(key, str):
             rejected.append((row, "row without an idempotency key"))
-        elif key not in seen:
+        elif key in seen:
+            continue
+        elif BOUNCES in row:
+            seen.add(key)
+            bounce_lines.append(row)
+        elif FAILURE_OF in row:
+            seen.add(key)
+            failure_lines.append(row)
+        else:
             seen.add(key)
             fresh.append(row)
+    bounces = _insert_bounces(conn, bounce_lines, skip_existing) if bounce_lines else 0
     if skip_existing and fresh:
         stored = _stored_keys(conn, [r["idempotency_key"] for r in fresh])
         fresh = [r for r in fresh if r["idempotency_key"] not in stored]
@@ -82,13 +123,24 @@ def insert_rows(
             rejected.append((row, f"malformed row: {exc!r}"))
             continue
         kept.append(row)
+    ids: dict[str, int] = {}
+    if kept:
+        inserted = messages.insert(conn, values, returning=True)
+        ids = (
+            inserted
+            if inserted is not None
+            else _message_ids(conn, [row["idempotency_key"] for row in kept])
+        )
+    incidents = (
+        _failure_incidents(conn, failure_lines, ids, skip_existing, rejected)
+        if failure_lines
+        else 0
+    )
     if not kept:
-        return 0, rejected
-    ids = messages.insert(conn, values, returning=True)
-    if ids is None:
-        ids = _message_ids(conn, [row["idempotency_key"] for row in kept])
+        return bounces + incidents, rejected
     dkim: list[tuple[Any, ...]] = []
     reasons: list[tuple[Any, ...]] = []
+    late: list[dict[str, Any]] = []
     dkim_statement = _statement(conn.dialect, DKIM_RESULTS)
     reasons_statement = _statement(conn.dialect, OVERRIDE_REASONS)
     try:
@@ -100,6 +152,8 @@ def insert_rows(
                 reasons.append(
                     reasons_statement.values({**r, "message_id": message_id, "position": i})
                 )
+            if is_late(utc_timestamp(row["arrived_at"]), written_at):
+                late.append({"message_pk": message_id, "claim": None})
     except (KeyError, TypeError, ValueError) as exc:
         # A damaged child in a journaled row: the whole batch must not commit
         # half a message, so let the writer retry row by row.
@@ -108,7 +162,113 @@ def insert_rows(
         dkim_statement.insert(conn, dkim)
     if reasons:
         reasons_statement.insert(conn, reasons)
-    return len(kept), rejected
+    # Few rows (rows replayed after the end of their day): SQLAlchemy's own
+    # executemany is enough.
+    if late:
+        conn.execute(LATE_MESSAGES.insert(), late)
+    return len(kept) + bounces + incidents, rejected
+
+
+def _failure_incidents(
+    conn: Connection,
+    lines: list[dict[str, Any]],
+    ids: dict[str, int],
+    skip_existing: bool,
+    rejected: Rejected,
+) -> int:
+    """Insert the incidents of failure lines; the number of lines taken.
+
+    The message is in ``ids`` (this batch) or stored before (its line comes
+    first in the journal).  A replay skips a message that has its incident
+    already: one incident per message."""
+    wanted = [str(line[FAILURE_OF]) for line in lines if str(line[FAILURE_OF]) not in ids]
+    if wanted:
+        ids = {**ids, **_message_ids(conn, wanted)}
+    values: list[dict[str, Any]] = []
+    taken = 0
+    for line in lines:
+        message_id = ids.get(str(line[FAILURE_OF]))
+        if message_id is None:
+            rejected.append((line, "the message of this failure incident is not stored"))
+            continue
+        try:
+            incident = failure_incident_values(line, message_id)
+        except (KeyError, TypeError, ValueError) as exc:
+            rejected.append((line, f"malformed failure incident: {exc!r}"))
+            continue
+        taken += 1
+        if incident is not None:
+            values.append(incident)
+    if skip_existing and values:
+        have = _incident_messages(conn, [v["message_pk"] for v in values])
+        values = [v for v in values if v["message_pk"] not in have]
+    # One per message, also within a batch.
+    unique = {v["message_pk"]: v for v in values}
+    if unique:
+        conn.execute(FAILURE_INCIDENTS.insert(), list(unique.values()))
+    return taken
+
+
+def _incident_messages(conn: Connection, message_ids: list[int]) -> set[int]:
+    table = FAILURE_INCIDENTS
+    have: set[int] = set()
+    for i in range(0, len(message_ids), KEY_CHUNK):
+        chunk = message_ids[i : i + KEY_CHUNK]
+        have.update(conn.scalars(select(table.c.message_pk).where(table.c.message_pk.in_(chunk))))
+    return have
+
+
+def _insert_bounces(conn: Connection, lines: list[dict[str, Any]], skip_existing: bool) -> int:
+    """Insert the bounces of bounce-only lines; the number of lines.
+
+    ``report_bounces`` has no idempotency key of its own, so a replay skips
+    a bounce already stored by what makes it unique: its received_at (to
+    the microsecond, taken by the milter) with the Message-ID and address.
+    """
+    values: list[dict[str, Any]] = []
+    try:
+        for line in lines:
+            values.extend(bounce_values(b) for b in line[BOUNCES])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedRow(f"malformed bounce: {exc!r}") from None
+    if skip_existing and values:
+        stored = _stored_bounces(conn, values)
+        values = [v for v in values if _bounce_key(v) not in stored]
+    if values:
+        conn.execute(REPORT_BOUNCES.insert(), values)
+    return len(lines)
+
+
+def _bounce_key(values: dict[str, Any]) -> tuple[dt.datetime, str, str]:
+    received = values["received_at"]
+    # SQLite and MySQL give back naive UTC; compare in that form.
+    if received.tzinfo is not None:
+        received = received.astimezone(dt.UTC).replace(tzinfo=None)
+    return received, values["original_message_id"], values["address"]
+
+
+def _stored_bounces(
+    conn: Connection, values: list[dict[str, Any]]
+) -> set[tuple[dt.datetime, str, str]]:
+    table = REPORT_BOUNCES
+    times = sorted({v["received_at"] for v in values})
+    stored: set[tuple[dt.datetime, str, str]] = set()
+    for i in range(0, len(times), KEY_CHUNK):
+        chunk = times[i : i + KEY_CHUNK]
+        query = select(table.c.received_at, table.c.original_message_id, table.c.address).where(
+            table.c.received_at.in_(chunk)
+        )
+        for received_at, message_id, address in conn.execute(query):
+            stored.add(
+                _bounce_key(
+                    {
+                        "received_at": received_at,
+                        "original_message_id": message_id,
+                        "address": address,
+                    }
+                )
+            )
+    return stored
 
 
 class MalformedRow(ValueError):

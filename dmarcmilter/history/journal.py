@@ -3,8 +3,10 @@ milter answers the message, until the database holds it.
 
 The journal is a sequence of segment files in the state directory,
 ``history-journal.<generation>.jsonl``: one row dict (the exact shape of
-:func:`dmarcmilter.history.rows.message_row`) per JSON line, followed by
-zero bytes up to the segment's preallocated size.  The milter copies each
+:func:`dmarcmilter.history.rows.message_row`, or a message's failure
+incident, :func:`~dmarcmilter.history.rows.failure_line`, or the hard
+bounces of a report mail, :func:`~dmarcmilter.history.rows.bounces_line`)
+per JSON line, followed by zero bytes up to the segment's preallocated size.  The milter copies each
 row into the segment's shared memory mapping before its end-of-message
 reply, so a process kill (SIGKILL, a crash) loses no row that got a reply:
 the page cache keeps it.  The copy is a plain memory write: no system call,

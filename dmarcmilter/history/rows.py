@@ -9,20 +9,31 @@ back into ORM objects for insertion.  No other module converts.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import operator
 import os
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import orjson
+
+from ..authres.render import render
+from ..config import FailureReportsConfig
 from ..dmarc import Alignment, DKIMVerdict
 from ..evaluation import Evaluation
-from ..policy import Decision
-from ..record import DMARCRecord
-from ..report.failure import FailureKind
-from ..report.failure_mail import DeliveryResult, FailedSignature, FailureIncident
+from ..policy import Action, Decision
+from ..record import DMARCRecord, PSDFlag
+from ..report.failure import FailureKind, failure_reports_due
+from ..report.failure_mail import (
+    DeliveryResult,
+    FailedSignature,
+    FailureIncident,
+    incident_from_evaluation,
+)
 from ..results import DKIMResultCode
 from .models import DKIMResultRow, MessageRow, OverrideReasonRow
 
@@ -61,7 +72,8 @@ def message_row(
 
     ``key`` is the idempotency key; a new one is made when it is None.  The
     timestamp is ISO 8601 in UTC so the dict survives a JSON round trip.
-    This runs once per message on the writer thread, so it avoids rework:
+    This runs once per message on the milter's thread (the writer's
+    enqueue journals the row before the message is answered), so it avoids rework:
     the columns that come from the DMARC record are built once per record.
     """
     env = evaluation.envelope
@@ -446,3 +458,261 @@ def incident_from_sample(
         body=None if body is None else base64.b64decode(body, validate=True),
         incidents=incidents,
     )
+
+
+# -- failure incidents: what the milter records ------------------------------------------
+
+
+class FailureMaterial(NamedTuple):
+    """What only the milter has for a failure report, handed to the writer
+    by reference: the milter neither parses nor decides anything for it.
+
+    ``headers`` is the header field list the milter holds, values as
+    received; ``authentication_results`` the value it added ("" when the
+    message was refused and none was added: it is then rendered for the
+    report, under ``authserv_id``, only when a report is due).  With
+    ``failure_reports.include_body``, ``message`` is the message's bytes as
+    the milter rebuilt them (None otherwise, or when the milter did not keep
+    the body); the writer's enqueue cuts its body to MAX_SAMPLE_BODY_BYTES
+    (``body``; ``body_left`` counts the rest) when a report may be due, so
+    that a waiting incident does not hold a whole message.
+    """
+
+    settings: FailureReportsConfig
+    headers: Sequence[tuple[str, str]]
+    authentication_results: str
+    authserv_id: str
+    message: bytes | None = None
+    body: bytes | None = None
+    body_left: int = 0
+
+
+def failure_candidate(evaluation: Evaluation) -> bool:
+    """Whether a failure report could be due at all: the policy record has
+    a ``ruf`` and is not a public suffix's (psd=y).  Three attribute reads,
+    on the mail path; everything else is the writer thread's."""
+    record = evaluation.dmarc.record
+    return record is not None and bool(record.ruf) and record.psd is not PSDFlag.YES
+
+
+def kept_material(material: FailureMaterial) -> FailureMaterial:
+    """``material`` as a waiting incident keeps it: the message's body cut
+    to what a sample stores (a copy of at most MAX_SAMPLE_BODY_BYTES), the
+    message itself let go."""
+    raw = material.message
+    if raw is None:
+        return material
+    # The header section the milter rebuilt ends at its first empty line.
+    start = raw.find(b"\r\n\r\n")
+    body = raw[start + 4 : start + 4 + MAX_SAMPLE_BODY_BYTES] if start >= 0 else b""
+    left = max(0, len(raw) - start - 4 - MAX_SAMPLE_BODY_BYTES) if start >= 0 else 0
+    return material._replace(message=None, body=body, body_left=left)
+
+
+def domain_selected(domain: str, settings: FailureReportsConfig) -> bool:
+    """Whether failure reports about author domain ``domain`` may be made:
+    it is ``failure_reports.domains`` or under one of them (every domain
+    when the list is empty), and neither is nor is under any of
+    ``skip_domains`` (a skip wins).  Names compare case-insensitively, by
+    whole labels: "notexample.com" is not under "example.com"."""
+    name = domain.lower().rstrip(".")
+    if not name:
+        return False
+    if settings.skip_domains and _under_any(name, settings.skip_domains):
+        return False
+    return not settings.domains or _under_any(name, settings.domains)
+
+
+def _under_any(name: str, domains: tuple[str, ...]) -> bool:
+    for domain in domains:
+        domain = domain.lower().rstrip(".")
+        if name == domain or name.endswith("." + domain):
+            return True
+    return False
+
+
+def failure_entry(
+    evaluation: Evaluation, decision: Decision, material: FailureMaterial
+) -> dict[str, Any] | None:
+    """The failure incident of a message when its policy record asks for a
+    failure report and the operator reports on its author domain; None
+    otherwise.  Runs on the writer thread.
+
+    The decision is :func:`failure_reports_due`; the incident is built by
+    :func:`incident_from_evaluation` and stored as :func:`failure_sample`
+    (capped).
+    """
+    if not failure_candidate(evaluation) or decision.action is Action.TEMPFAIL:
+        # A tempfailed message comes back, and is reported when answered.
+        return None
+    dmarc = evaluation.dmarc
+    # The Author Domain whose record was evaluated (for a malformed From,
+    # the recovered one whose policy applied), as the incident names it.
+    author = dmarc.author_domain or ""
+    if not dmarc.policy_domain or not domain_selected(author, material.settings):
+        return None
+    due = failure_reports_due(dmarc)
+    if not due.due:
+        return None
+    ar = material.authentication_results
+    if not ar:
+        ar = render(evaluation, material.authserv_id)
+    material = kept_material(material)
+    incident = incident_from_evaluation(
+        evaluation,
+        decision,
+        due.kinds[0],
+        headers=material.headers,
+        authentication_results=ar,
+        body=material.body,
+    )
+    unverified = {
+        (v.signature.domain, v.signature.selector, v.signature.reason)
+        for v in dmarc.dkim
+        if v.signature.unverified
+    }
+    if unverified:
+        # Left unverified at our own limit: not a failed signature, so not
+        # named as one (nor counted in Identity-Alignment).
+        failed = tuple(
+            s for s in incident.dkim_failed if (s.domain, s.selector, s.reason) not in unverified
+        )
+        incident = dataclasses.replace(incident, dkim_failed=failed)
+    spf_record = dmarc.spf.spf.record
+    if spf_record:
+        incident = dataclasses.replace(incident, spf_record=spf_record)
+    sample = failure_sample(incident)
+    if material.body_left:
+        sample["cut"].append(f"{material.body_left} bytes of the body")
+    ruf, _left = _uri_list(tuple(d.uri for d in due.destinations))
+    return {
+        "policy_domain": dmarc.policy_domain,
+        "reported_domain": author,
+        "source_ip": evaluation.envelope.client_ip.partition("%")[0],
+        "kinds": ",".join(k.value for k in due.kinds),
+        "ruf": ruf,
+        "sample": sample,
+    }
+
+
+# The key of a failure line: the idempotency key of the message whose
+# incident it carries.
+FAILURE_OF = "failure_of"
+
+
+def failure_line(message: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """The journal line of a message's failure incident.  It follows the
+    message's own line, and is stored once the message is (the incident
+    goes with the message's id; a replay stores it at most once per
+    message)."""
+    return {
+        "idempotency_key": new_idempotency_key(),
+        FAILURE_OF: message["idempotency_key"],
+        "arrived_at": message["arrived_at"],
+        "failure": entry,
+    }
+
+
+def failure_incident_values(row: dict[str, Any], message_id: int) -> dict[str, Any] | None:
+    """The ``failure_incidents`` row of a failure line (:func:`failure_line`)
+    for the message stored as ``message_id``; None without an entry.
+    Raises KeyError, TypeError or ValueError for a damaged entry."""
+    failure = row.get("failure")
+    if failure is None:
+        return None
+    return {
+        "message_pk": message_id,
+        "arrived_at": utc_timestamp(row["arrived_at"]),
+        "policy_domain": str(failure["policy_domain"]),
+        "reported_domain": str(failure["reported_domain"]),
+        "source_ip": str(failure["source_ip"]),
+        "kinds": str(failure["kinds"]),
+        "ruf": str(failure["ruf"]),
+        "sample": _encode_sample(failure["sample"]),
+        "status": "pending",
+        "handled_at": None,
+    }
+
+
+def _encode_sample(sample: Any) -> str:
+    if not isinstance(sample, dict):
+        raise TypeError("a failure sample must be an object")
+    return orjson.dumps(sample).decode("utf-8")
+
+
+# -- late rows -------------------------------------------------------------------------
+
+
+def is_late(arrived_at: dt.datetime, written_at: dt.datetime) -> bool:
+    """Whether a message row written at ``written_at`` (the writer's clock)
+    is late: written at or after the end of the UTC day it arrived in.
+
+    A day's aggregate report may already be made by then (the report job
+    makes it once, after midnight), so the row would never be counted.
+    The writer marks such a row in ``late_messages`` in the same transaction
+    as the row itself, and the report job reports late rows by claim, each
+    exactly once, in a supplementary report.  The writer's clock is used,
+    not the database's: a skew of either only moves the boundary by that
+    skew, and a row written just before midnight is not late but is in the
+    database before the report job (which waits past midnight) reads it.
+    """
+    day = arrived_at.astimezone(dt.UTC).date()
+    end_of_day = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), dt.UTC)
+    return written_at >= end_of_day
+
+
+# -- bounces of report mail ------------------------------------------------------------
+
+# Hard bounces taken from one delivery status notification; past it the
+# rest are ignored (logged).  A bounce of one report mail names one
+# recipient; dsn.MAX_RECIPIENTS bounds the parse itself.
+MAX_BOUNCES_PER_MESSAGE = 50
+# The key of a bounce-only journal line (no message row): it carries
+# report_bounces rows only.
+BOUNCES = "report_bounces"
+
+
+def bounce_row(
+    received_at: dt.datetime,
+    original_message_id: str,
+    address: str,
+    status: str,
+    diagnostic: str,
+    reporting_mta: str,
+) -> dict[str, Any]:
+    """One hard bounce as the journal and ``report_bounces`` keep it,
+    every value capped (they come from whoever sent the DSN)."""
+    return {
+        "received_at": received_at.astimezone(dt.UTC).isoformat(),
+        "original_message_id": _stored(original_message_id, MAX_MESSAGE_ID_BYTES),
+        "address": _stored(address, MAX_NAME_BYTES * 2),
+        "status": _stored(status, STATUS_BYTES),
+        "diagnostic": _stored(diagnostic, MAX_TEXT_BYTES),
+        "reporting_mta": _stored(reporting_mta, MAX_NAME_BYTES),
+    }
+
+
+MAX_MESSAGE_ID_BYTES = 998
+STATUS_BYTES = 32  # the column's length; an RFC 3463 status is at most 11
+
+
+def bounces_line(bounces: list[dict[str, Any]], *, key: str | None = None) -> dict[str, Any]:
+    """A bounce-only journal line: bounces of a message that has no history
+    row (a relayed DSN from a trusted client is not evaluated)."""
+    return {"idempotency_key": key or new_idempotency_key(), BOUNCES: bounces}
+
+
+def bounce_values(bounce: dict[str, Any]) -> dict[str, Any]:
+    """The ``report_bounces`` columns of one journaled bounce; raises
+    KeyError, TypeError or ValueError for a damaged one."""
+    values = {
+        "received_at": utc_timestamp(bounce["received_at"]),
+        "original_message_id": str(bounce["original_message_id"]),
+        "address": str(bounce["address"]),
+        "status": str(bounce["status"])[:STATUS_BYTES],
+        "diagnostic": str(bounce["diagnostic"]),
+        "reporting_mta": str(bounce["reporting_mta"]),
+        "processed_at": None,
+        "outcome": None,
+    }
+    return values

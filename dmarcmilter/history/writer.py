@@ -18,6 +18,15 @@ Guarantees, in order of importance:
    appended to the journal (a full or read-only file system) nor stored in
    the database before it must leave memory; each is counted once and
    logged.
+
+Failure incidents (RFC 9991 failure reports due) are the exception to the
+first guarantee, by design: deciding and building one costs more than the
+rest of the row, so the milter only hands the writer what it holds, and the
+writer thread builds the incident at its next cycle and journals it as a
+line of its own, after its message's line (then stored like any row, once
+per message).  A process kill in between (a flush interval, 0.25 s) loses
+those incidents, never their messages; at most MAX_PENDING_FAILURES wait,
+and the rest are counted (``failures_lost``) and logged.
 """
 
 from __future__ import annotations
@@ -40,7 +49,15 @@ from ..policy import Decision
 from . import db
 from .bulk import insert_rows
 from .journal import SEGMENT_BYTES, Journal, JournalError, Position, encode_line
-from .rows import message_row
+from .rows import (
+    FailureMaterial,
+    bounces_line,
+    failure_candidate,
+    failure_entry,
+    failure_line,
+    kept_material,
+    message_row,
+)
 
 log = logging.getLogger("dmarcmilter.history")
 
@@ -54,6 +71,10 @@ RETRY_MAX = 30.0
 # lost are reported while that lasts.
 JOURNAL_RETRY = 1.0
 TROUBLE_LOG_INTERVAL = 30.0
+# Messages whose failure incident waits for the writer thread (each holds
+# its evaluation, header fields and at most MAX_SAMPLE_BODY_BYTES of body).
+# Past it an incident is not recorded (failures_lost, logged).
+MAX_PENDING_FAILURES = 10_000
 
 
 class Queued(NamedTuple):
@@ -89,6 +110,8 @@ class WriterStats:
     journal_writable: bool
     database_up: bool
     catching_up: bool  # rows wait in the journal for the database
+    # Failure incidents that could not be built (their messages are recorded).
+    failures_lost: int = 0
 
 
 class HistoryWriter:
@@ -143,9 +166,17 @@ class HistoryWriter:
         self._retry_at = 0.0
         self._retry_delay = retry_initial
         self._counts = dict.fromkeys(
-            ("written", "replayed", "unjournaled", "rejected", "errors", "lost"), 0
+            ("written", "replayed", "unjournaled", "rejected", "errors", "lost", "failures_lost"),
+            0,
         )
         self._counts_lock = threading.Lock()
+        # Messages whose failure incident the writer thread has to build:
+        # (row, evaluation, decision, material).  deque.append and popleft
+        # are atomic: the milter threads append, the writer thread takes.
+        self._failures: collections.deque[
+            tuple[dict[str, Any], Evaluation, Decision, FailureMaterial]
+        ] = collections.deque()
+        self._failures_reported = 0
 
     @property
     def journal_directory(self) -> Path:
@@ -214,6 +245,10 @@ class HistoryWriter:
             self._queue.clear()
             self._closed = True
         lost = sum(1 for item in left if item.start is None)
+        if self._failures:
+            # The thread did not finish: these incidents were never built.
+            self._count("failures_lost", len(self._failures))
+            self._failures.clear()
         if lost:
             # Neither in the journal nor in the database: nothing keeps them.
             self._count("lost", lost)
@@ -230,7 +265,7 @@ class HistoryWriter:
         maintenance); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._queue or not self._live or self._busy:
+            while self._queue or self._failures or not self._live or self._busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -240,9 +275,22 @@ class HistoryWriter:
 
     # -- the mail path ---------------------------------------------------------------
 
-    def enqueue(self, evaluation: Evaluation, decision: Decision) -> None:
+    def enqueue(
+        self,
+        evaluation: Evaluation,
+        decision: Decision,
+        failure: FailureMaterial | None = None,
+    ) -> None:
         """Hand over one evaluated message, before it is answered.  Never
-        blocks on the database, never raises."""
+        blocks on the database, never raises.
+
+        ``failure`` (given when failure reports are on) is what the milter
+        holds for a failure report.  When the message's record has a ruf
+        (:func:`rows.failure_candidate`), it waits, with the evaluation,
+        for the writer thread, which decides whether a report is due and
+        builds the incident (:func:`rows.failure_entry`) off the mail path;
+        the incident's own journal line follows the message's.
+        """
         try:
             row = message_row(evaluation, decision)
         except Exception:
@@ -253,6 +301,19 @@ class HistoryWriter:
             )
             return
         self.enqueue_row(row)
+        if failure is not None and not self._closed and failure_candidate(evaluation):
+            pending = self._failures
+            if len(pending) < MAX_PENDING_FAILURES:
+                pending.append((row, evaluation, decision, kept_material(failure)))
+            else:
+                self._count("failures_lost")
+
+    def enqueue_bounces(self, bounces: list[dict[str, Any]]) -> None:
+        """Hand over the hard bounces (:func:`rows.bounce_row`) a delivery
+        status notification to the report address names, before the milter
+        answers it; journaled like a row, stored once.  Never raises."""
+        if bounces:
+            self.enqueue_row(bounces_line(bounces))
 
     def enqueue_row(self, row: dict[str, Any]) -> None:
         """Hand over a row already built by :func:`rows.message_row`."""
@@ -332,6 +393,7 @@ class HistoryWriter:
             journal_writable=self._journal.writable,
             database_up=not self._down,
             catching_up=not self._live,
+            failures_lost=c["failures_lost"],
         )
 
     def _count(self, name: str, n: int = 1) -> None:
@@ -361,7 +423,26 @@ class HistoryWriter:
             if stopping:
                 return
 
+    def _record_failures(self) -> None:
+        """Build the failure incidents waiting for the writer thread and
+        hand each over as a line of its own, after its message's line."""
+        pending = self._failures
+        while pending:
+            row, evaluation, decision, material = pending.popleft()
+            try:
+                entry = failure_entry(evaluation, decision, material)
+                if entry is not None:
+                    self.enqueue_row(failure_line(row, entry))
+            except Exception:
+                self._count("failures_lost")
+                log.exception(
+                    "history: cannot build the failure incident of message %s; "
+                    "the message is recorded without it",
+                    evaluation.envelope.queue_id or "(no queue id)",
+                )
+
     def _cycle(self, stopping: bool) -> None:
+        self._record_failures()
         self._report_trouble()
         now = time.monotonic()
         if not self._journal.writable and now >= self._journal_retry_at:
@@ -421,6 +502,17 @@ class HistoryWriter:
             return
         with self._counts_lock:
             unjournaled, lost = self._counts["unjournaled"], self._counts["lost"]
+            failures_lost = self._counts["failures_lost"]
+        if failures_lost > self._failures_reported:
+            log.error(
+                "history: %d failure incidents not recorded (%d in all since start): "
+                "more than %d waited for the writer thread, or they could not be built",
+                failures_lost - self._failures_reported,
+                failures_lost,
+                MAX_PENDING_FAILURES,
+            )
+            self._failures_reported = failures_lost
+            self._report_at = now + TROUBLE_LOG_INTERVAL
         new_unjournaled = unjournaled - self._reported[0]
         new_lost = lost - self._reported[1]
         if not new_unjournaled and not new_lost:

@@ -38,7 +38,11 @@ The rules, in the order they are applied:
 - A DKIM signature "failed verification" when its result is ``fail`` or
   ``permerror`` (a broken signature, a revoked or missing key); ``temperror``
   is our DNS, not the sender's failure, and ``policy``/``neutral`` are
-  signatures that verified or were not judged.
+  signatures that verified or were not judged.  A signature we left
+  unverified at a limit of our own (a body larger than
+  ``milter.max_body_bytes``, signatures past ``dkim.max_signatures``) is
+  recorded as permerror but marked ``unverified``: it did not fail, and
+  reporting it would blame the signer for our limit.
 - SPF "failed" when the result is ``fail``, ``softfail`` or ``permerror``:
   the domain's published policy did not authorize the client, or could not
   be evaluated for a fault of its own.  ``none`` and ``neutral`` assert
@@ -126,9 +130,28 @@ class FailureReportDue:
 
 
 def usable_ruf(record: DMARCRecord) -> tuple[Destination, ...]:
-    """The ``mailto:`` destinations of the record's ``ruf``, by the rua rule."""
+    """The ``mailto:`` destinations of the record's ``ruf``, by the rua rule.
+
+    The milter asks this for every message whose record has a ``ruf``, and
+    parsing the URIs costs more than the rest of the decision: the answer
+    is kept per record text (records of an honest size only, and at most
+    _RUF_CACHE_SIZE of them; the cache is emptied when full)."""
+    if not record.ruf:
+        return ()
+    cached = _ruf_cache.get(record.raw)
+    if cached is not None:
+        return cached
     destinations, _problems = parse_rua(",".join(record.ruf), MAX_RUF_URIS, "ruf")
+    if len(record.raw) <= _RUF_CACHE_RECORD_CHARS:
+        if len(_ruf_cache) >= _RUF_CACHE_SIZE:
+            _ruf_cache.clear()
+        _ruf_cache[record.raw] = destinations
     return destinations
+
+
+_ruf_cache: dict[str, tuple[Destination, ...]] = {}
+_RUF_CACHE_SIZE = 10_000
+_RUF_CACHE_RECORD_CHARS = 1024
 
 
 def failure_reports_due(outcome: DMARCOutcome) -> FailureReportDue:
@@ -160,7 +183,11 @@ def failure_reports_due(outcome: DMARCOutcome) -> FailureReportDue:
         reasons.append("fo=0: DMARC fail (no aligned pass)")
 
     if fo.dkim:
-        failed = [v.signature for v in outcome.dkim if v.signature.result in DKIM_FAILED]
+        failed = [
+            v.signature
+            for v in outcome.dkim
+            if v.signature.result in DKIM_FAILED and not v.signature.unverified
+        ]
         if failed:
             kinds.append(FailureKind.DKIM)
             first = failed[0]

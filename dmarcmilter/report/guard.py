@@ -35,8 +35,20 @@ def is_own_report(headers: Sequence[tuple[str, str]], config: Config) -> bool:
     ids = [v for n, v in headers if n.lower() == "message-id"]
     if len(from_values) != 1 or len(ids) != 1:
         return False
-    match = _MESSAGE_ID.fullmatch(ids[0])
-    if match is None or not _from_is(from_values[0], from_address):
+    return _from_is(from_values[0], from_address) and _ours(ids[0], config, token=False)
+
+
+def is_report_message_id(value: str, config: Config) -> bool:
+    """Whether ``value`` has the form of one of our report mails'
+    Message-IDs with a delivery token, ``<report-id.token@submitter>``: a
+    bounce naming anything else cannot be of our report mail.  (Only the
+    report job, which knows the tokens, can tell a real one.)"""
+    return _ours(value, config, token=True)
+
+
+def _ours(value: str, config: Config, *, token: bool) -> bool:
+    match = _MESSAGE_ID.fullmatch(value)
+    if match is None or (token and "." not in match.group(1)):
         return False
     submitter = (config.report.submitter or config.effective_authserv_id()).lower().rstrip(".")
     return match.group(2).lower().rstrip(".") == submitter
