@@ -287,6 +287,7 @@ def report_message(
         attachment=report.content,
         filename=report.filename,
         date=now,
+        message_token=report.message_token,
     )
 
 

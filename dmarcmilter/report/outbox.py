@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ RATE_WINDOW = dt.timedelta(hours=1)
 # query, so this keeps the bound parameters well under every database's
 # limit (SQLite 32766, PostgreSQL 65535); a longer queue takes more queries.
 SUPPRESSION_BATCH = 200
+# The random part of a report mail's Message-ID (models.ReportDeliveryRow
+# .message_token): 16 bytes, 128 bits, which no one guesses in a lifetime
+# of forged bounces.
+MESSAGE_TOKEN_BYTES = 16
 
 # Delivery states (report_deliveries.status).
 PENDING = "pending"
@@ -98,6 +103,9 @@ class StoredReport:
     period_end: int
     filename: str
     content: bytes
+    # The delivery's secret token, for the Message-ID ("" for deliveries
+    # queued before tokens existed: the old Message-ID form).
+    message_token: str = ""
 
 
 # Builds the mail carrying a stored report to one address, at a time.  It
@@ -105,12 +113,23 @@ class StoredReport:
 Compose = Callable[[StoredReport, str, dt.datetime], bytes]
 
 
+def new_message_token() -> str:
+    """A delivery's secret: 128 random bits, as 32 hex digits (alphanumeric,
+    as a Message-ID's id-left needs, and the width of the column)."""
+    return secrets.token_hex(MESSAGE_TOKEN_BYTES)
+
+
 def queue_deliveries(
-    conn: Connection, report_pk: int, destinations: Sequence[Destination], now: dt.datetime
+    conn: Connection,
+    report_pk: int,
+    destinations: Sequence[Destination],
+    now: dt.datetime,
+    due: dt.datetime | None = None,
 ) -> None:
     """One pending delivery per destination of a report being stored, due
-    at once; in the caller's transaction, so a report is never stored
-    without them."""
+    at ``due`` (at once when None), each with its own secret Message-ID
+    token; in the caller's transaction, so a report is never stored without
+    them."""
     rows = [
         {
             "report_pk": report_pk,
@@ -120,9 +139,10 @@ def queue_deliveries(
             "destination_domain": destination.host,
             "status": PENDING,
             "attempts": 0,
-            "next_attempt_at": now,
+            "next_attempt_at": now if due is None else due,
             "sent_at": None,
             "detail": "",
+            "message_token": new_message_token(),
         }
         for position, destination in enumerate(destinations)
     ]
@@ -269,6 +289,7 @@ class Outbox:
                     deliveries.c.address,
                     deliveries.c.destination_domain,
                     deliveries.c.attempts,
+                    deliveries.c.message_token,
                     reports.c.report_id,
                     reports.c.policy_domain,
                     reports.c.period_begin,
@@ -321,6 +342,7 @@ class Outbox:
             period_end=row.period_end,
             filename=row.filename,
             content=row.content,
+            message_token=row.message_token or "",
         )
         try:
             message = self.compose(report, address, self.clock())
@@ -455,6 +477,7 @@ class Outbox:
 __all__ = [
     "FIRST_RETRY_DELAY",
     "MAX_RETRY_DELAY",
+    "MESSAGE_TOKEN_BYTES",
     "RATE_WINDOW",
     "SUPPRESSED",
     "SUPPRESSION_BATCH",
@@ -464,6 +487,7 @@ __all__ = [
     "Outbox",
     "StoredReport",
     "make_transport",
+    "new_message_token",
     "queue_deliveries",
     "retry_delay",
 ]
