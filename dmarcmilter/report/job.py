@@ -1,13 +1,19 @@
 """The ``dmarcmilter report`` run: history → aggregate reports → delivered
 mail (RFC 9990 §2, §3; digest §6.1, §6.3, §6.4).
 
-A run holds the fleet lease (:mod:`~dmarcmilter.report.lease`), then has two
-steps.  **Generate**: the aggregate reports of the period are built and
-stored with their deliveries (:mod:`~dmarcmilter.report.aggregate`).
+A run holds the fleet lease (:mod:`~dmarcmilter.report.lease`), then has
+these steps.  **Generate**: the aggregate reports of the period are built
+and stored with their deliveries (:mod:`~dmarcmilter.report.aggregate`),
+once the period has been over for REPORT_GRACE; a domain with fewer than
+``report.min_messages`` messages gets none.  **Supplement**: late rows of
+periods already reported get supplementary reports
+(:mod:`~dmarcmilter.report.late`).
 **Deliver**: every delivery that is due is verified and sent, with retries
 and the per-destination rate limit (:mod:`~dmarcmilter.report.outbox`).
-A dry run writes the reports and messages into a directory and writes
-nothing to the database.
+A period's deliveries are due spread over ``report.send_spread_minutes``
+after it ends, each report at a fixed offset, so that a fleet's reports do
+not leave in one burst.  A dry run writes the reports and messages into a
+directory and writes nothing to the database.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..config import Config
 from ..errors import DatabaseError, ReportError
 from ..history.db import short_error
+from ..history.reader import LateRows
 from ..resolver import Resolver
+from . import late as late_rows
 from .aggregate import (
     BuiltReport,
     ReportSettings,
@@ -33,6 +41,7 @@ from .aggregate import (
     build_reports,
     domains_to_report,
     report_message,
+    spread_offset,
     store_reports,
 )
 from .delivery import Transport
@@ -42,6 +51,12 @@ from .period import Period
 
 log = logging.getLogger(__name__)
 
+# A period's first reports are made once it has been over this long, so
+# that the rows of messages still being written at its end (the writer
+# batches for a second or two) are in them rather than in a supplementary
+# report.  The shipped cron job runs at 7 past the hour.
+REPORT_GRACE = dt.timedelta(minutes=5)
+
 
 @dataclass
 class RunStats(DeliveryStats):
@@ -50,6 +65,11 @@ class RunStats(DeliveryStats):
     domains: int = 0
     reports_generated: int = 0
     domains_already_done: int = 0
+    # Fewer messages than report.min_messages: no report, not an error.
+    domains_below_minimum: int = 0
+    # The period ended less than REPORT_GRACE ago: its reports wait.
+    period_not_over: bool = False
+    supplementary_reports: int = 0
     lease_holder: str | None = None  # another host running: this run did nothing
 
 
@@ -101,6 +121,7 @@ class ReportJob:
             # generated, rather than after.
             self.transport()
             self.generate(period, domain, lease)
+            self.supplement(domain, lease)
             self.deliver(lease)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"report run failed: {short_error(exc)}") from None
@@ -120,8 +141,18 @@ class ReportJob:
         return domains_to_report(self.engine, period, domain)
 
     def generate(self, period: Period, domain: str | None, lease: Lease | None = None) -> None:
+        if self.clock() < period.end + REPORT_GRACE:
+            self.stats.period_not_over = True
+            log.info(
+                "the reports of %s wait until %s: the period has not been over for %s",
+                period.begin.date().isoformat(),
+                (period.end + REPORT_GRACE).isoformat(),
+                REPORT_GRACE,
+            )
+            return
         names = self.domains(period, domain)
         self.stats.domains = len(names)
+        late = late_rows.domains_with_late_rows(self.engine, period) if names else set()
         for done, name in enumerate(names):
             if self.progress:
                 self.progress(done, len(names), name)
@@ -130,13 +161,103 @@ class ReportJob:
             if already_stored(self.engine, name, period, self.settings.format):
                 self.stats.domains_already_done += 1
                 continue
-            reports = list(build_reports(self.engine, self.settings, period, name))
-            if reports and store_reports(self.engine, reports, self.clock(), self.host):
-                self.stats.reports_generated += len(reports)
-            elif reports:
-                self.stats.domains_already_done += 1
+            self._first_reports(period, name, name in late)
         if self.progress:
             self.progress(len(names), len(names), "")
+
+    def _first_reports(self, period: Period, name: str, has_late_rows: bool) -> None:
+        settings = self.settings
+        claim = None
+        selection = None
+        if has_late_rows:
+            # Only now, and only for this domain: the plain query, unchanged,
+            # for every domain without late rows.
+            claim = late_rows.Claim.for_reports(
+                settings.submitter, name, period, settings.format, 0
+            )
+            late_rows.claim(self.engine, name, period, claim)
+            selection = LateRows(claim.pending)
+        reports = list(build_reports(self.engine, settings, period, name, late=selection))
+        messages = sum(report.message_count for report in reports)
+        if reports and messages < settings.min_messages:
+            self.stats.domains_below_minimum += 1
+            log.info(
+                "no report for %s on %s: %d message(s), fewer than report.min_messages (%d)",
+                name,
+                period.begin.date().isoformat(),
+                messages,
+                settings.min_messages,
+            )
+            reports = []
+        if reports and store_reports(
+            self.engine,
+            reports,
+            self.clock(),
+            self.host,
+            due=functools.partial(self._due, start=period.end),
+            claim=claim,
+        ):
+            self.stats.reports_generated += len(reports)
+            return
+        if reports:
+            self.stats.domains_already_done += 1
+        if claim is not None:
+            # Nothing stored: the rows go back, for the next first report.
+            late_rows.release(self.engine, claim)
+
+    def supplement(self, domain: str | None, lease: Lease | None = None) -> None:
+        """Supplementary reports: for every period already reported, the
+        late rows no report has counted yet (at most
+        late.MAX_SUPPLEMENTS_PER_RUN periods a run; the rest wait)."""
+        settings = self.settings
+        for item in late_rows.supplements(self.engine, domain):
+            if lease is not None:
+                lease.renew()
+            claim = late_rows.Claim.for_reports(
+                settings.submitter, item.policy_domain, item.period, settings.format, item.sequence
+            )
+            if not late_rows.claim(self.engine, item.policy_domain, item.period, claim):
+                continue  # its late rows are in another period
+            reports = list(
+                build_reports(
+                    self.engine,
+                    settings,
+                    item.period,
+                    item.policy_domain,
+                    late=LateRows(claim.pending, only=True),
+                    sequence=item.sequence,
+                )
+            )
+            now = self.clock()
+            # Made at any hour, after a replay: spread from now.  With no
+            # report (no usable destination), the claim is still made final,
+            # so those rows are not claimed again on every run.
+            if store_reports(
+                self.engine,
+                reports,
+                now,
+                self.host,
+                due=functools.partial(self._due, start=now),
+                claim=claim,
+            ):
+                self.stats.supplementary_reports += len(reports)
+                for report in reports:
+                    log.info(
+                        "supplementary report %s for %s on %s: %d late message(s)",
+                        report.report_id,
+                        report.policy_domain,
+                        item.period.begin.date().isoformat(),
+                        report.message_count,
+                    )
+            else:
+                late_rows.release(self.engine, claim)
+
+    def _due(self, report: BuiltReport, start: dt.datetime) -> dt.datetime | None:
+        """When a report's deliveries are first due: ``start`` plus its
+        fixed place in the sending window; at once without a window."""
+        if not self.settings.send_spread:
+            return None
+        return start + spread_offset(report.report_id, self.settings.send_spread)
 
     # -- delivery --------------------------------------------------------------
 
@@ -187,10 +308,18 @@ def dry_run(
     try:
         names = job.domains(period, domain)
         stats.domains = len(names)
+        late = late_rows.domains_with_late_rows(engine, period) if names else set()
         for done, name in enumerate(names):
             if progress:
                 progress(done, len(names), name)
-            for report in build_reports(engine, settings, period, name):
+            # What a first report made now would count: the late rows no
+            # stored report has claimed too.  Nothing is claimed or spread.
+            selection = LateRows(None) if name in late else None
+            reports = list(build_reports(engine, settings, period, name, late=selection))
+            if reports and sum(r.message_count for r in reports) < settings.min_messages:
+                stats.domains_below_minimum += 1
+                continue
+            for report in reports:
                 _write_dry_run(directory, report, settings, clock())
                 stats.reports_generated += 1
         if progress:
@@ -211,4 +340,4 @@ def _write_dry_run(
         raise ReportError(f"cannot write into {directory}: {exc.strerror or exc}") from None
 
 
-__all__ = ["Progress", "ReportJob", "RunStats", "dry_run"]
+__all__ = ["REPORT_GRACE", "Progress", "ReportJob", "RunStats", "dry_run"]
