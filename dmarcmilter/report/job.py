@@ -7,7 +7,8 @@ and stored with their deliveries (:mod:`~dmarcmilter.report.aggregate`),
 once the period has been over for REPORT_GRACE; a domain with fewer than
 ``report.min_messages`` messages gets none.  **Supplement**: late rows of
 periods already reported get supplementary reports
-(:mod:`~dmarcmilter.report.late`).
+(:mod:`~dmarcmilter.report.late`).  **Bounces**: recorded bounces of our
+report mail are checked and counted (:mod:`~dmarcmilter.report.bounces`).
 **Deliver**: every delivery that is due is verified and sent, with retries
 and the per-destination rate limit (:mod:`~dmarcmilter.report.outbox`).
 A period's deliveries are due spread over ``report.send_spread_minutes``
@@ -33,6 +34,7 @@ from ..errors import DatabaseError, ReportError
 from ..history.db import short_error
 from ..history.reader import LateRows
 from ..resolver import Resolver
+from . import bounces
 from . import late as late_rows
 from .aggregate import (
     BuiltReport,
@@ -59,7 +61,7 @@ REPORT_GRACE = dt.timedelta(minutes=5)
 
 
 @dataclass
-class RunStats(DeliveryStats):
+class RunStats(DeliveryStats, bounces.BounceStats):
     """What a run did, for the summary and the tests."""
 
     domains: int = 0
@@ -122,6 +124,9 @@ class ReportJob:
             self.transport()
             self.generate(period, domain, lease)
             self.supplement(domain, lease)
+            bounces.process(
+                self.engine, self.config, self.settings.submitter, self.clock, self.stats
+            )
             self.deliver(lease)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"report run failed: {short_error(exc)}") from None
