@@ -471,3 +471,31 @@ def test_a_dry_run_counts_unclaimed_late_rows_and_claims_nothing(
     [xml] = list((tmp_path / "out").glob("*.xml.gz"))
     assert b"<count>3</count>" in gzip.decompress(xml.read_bytes()).replace(b" ", b"")
     assert claims(engine) and set(claims(engine).values()) == {None}
+
+
+def test_a_late_row_committed_while_a_run_builds_plain_reports_is_counted_once(
+    migrated: str,
+    engine: Engine,
+    resolver: Resolver,
+    sink: RecordingSink,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = make_config(migrated, sink)
+    written = store(engine, [domain("example.com", 3)])
+    asked = late_rows.domains_with_late_rows
+    replayed: list[int] = []
+
+    def then_a_replay(*args: Any) -> set[str]:
+        found = asked(*args)
+        # No late rows when the run looked; one is committed before the
+        # domain's report is built with the plain query.
+        replayed.extend(store_late(engine, [domain("example.com", 1)]))
+        return found
+
+    monkeypatch.setattr(late_rows, "domains_with_late_rows", then_a_replay)
+    first = job(config, engine, resolver, Clock(RUN_AT)).run(PERIOD)
+    assert (first.reports_generated, first.supplementary_reports) == (1, 1)
+    # The first report read the snapshot the run looked at: the replayed
+    # row is in the supplementary report alone.
+    assert [count for _, count, _ in received(sink)] == [3, 1]
+    assert sum(count for _, count, _ in received(sink)) == written + len(replayed)

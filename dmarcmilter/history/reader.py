@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, UnaryExpression, and_, exists, func, or_, select
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -160,7 +160,7 @@ _POLICY_COLUMNS = (
 
 
 def report_records(
-    engine: Engine,
+    engine: Engine | Connection,
     policy_domain: str,
     begin: dt.datetime,
     end: dt.datetime,
@@ -205,7 +205,7 @@ def policy_domains(engine: Engine, begin: dt.datetime, end: dt.datetime) -> Iter
 
 
 def record_errors(
-    engine: Engine,
+    engine: Engine | Connection,
     policy_domain: str,
     begin: dt.datetime,
     end: dt.datetime,
@@ -263,7 +263,7 @@ def _late_filter(late: LateRows | None) -> tuple[ColumnElement[bool], ...]:
 
 
 def _report_query(
-    engine: Engine,
+    engine: Engine | Connection,
     policy_domain: str,
     begin: dt.datetime,
     end: dt.datetime,
@@ -306,7 +306,9 @@ def _report_query(
     )
 
 
-def _ascending(engine: Engine, key: InstrumentedAttribute[Any]) -> UnaryExpression[Any]:
+def _ascending(
+    engine: Engine | Connection, key: InstrumentedAttribute[Any]
+) -> UnaryExpression[Any]:
     # The same history must give the records in the same order everywhere.
     # PostgreSQL alone puts NULLs last in ascending order, and MySQL has no
     # NULLS FIRST syntax, so ask for it only where it changes something.
@@ -316,24 +318,35 @@ def _ascending(engine: Engine, key: InstrumentedAttribute[Any]) -> UnaryExpressi
 
 
 def _stream(
-    engine: Engine,
+    engine: Engine | Connection,
     query: Select[Any],
     batch_size: int,
     convert: Callable[[Row[Any]], T],
     what: str,
 ) -> Iterator[T]:
+    """The rows of ``query``; on a connection given (a caller's snapshot,
+    left open), or on one of the engine's."""
     try:
-        with engine.connect() as conn:
-            # A server-side cursor on PostgreSQL; pysqlite steps through the
-            # result as it is fetched anyway.
-            streaming = conn.execution_options(stream_results=True, yield_per=batch_size)
-            # Closed explicitly, so a caller that stops early (or an error)
-            # does not leave the server-side cursor to the garbage collector.
-            with streaming.execute(query) as result:
-                for row in result:
-                    yield convert(row)
+        if isinstance(engine, Connection):
+            yield from _rows(engine, query, batch_size, convert)
+        else:
+            with engine.connect() as conn:
+                yield from _rows(conn, query, batch_size, convert)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read {what}: {short_error(exc)}") from None
+
+
+def _rows(
+    conn: Connection, query: Select[Any], batch_size: int, convert: Callable[[Row[Any]], T]
+) -> Iterator[T]:
+    # A server-side cursor on PostgreSQL; pysqlite steps through the
+    # result as it is fetched anyway.
+    streaming = conn.execution_options(stream_results=True, yield_per=batch_size)
+    # Closed explicitly, so a caller that stops early (or an error) does
+    # not leave the server-side cursor to the garbage collector.
+    with streaming.execute(query) as result:
+        for row in result:
+            yield convert(row)
 
 
 def _first(row: Row[Any]) -> Any:

@@ -178,7 +178,7 @@ def spread_offset(report_id: str, window: dt.timedelta) -> dt.timedelta:
 
 
 def build_reports(
-    engine: Engine,
+    engine: Engine | Connection,
     settings: ReportSettings,
     period: Period,
     policy_domain: str,

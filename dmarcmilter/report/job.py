@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import Config
@@ -157,24 +157,29 @@ class ReportJob:
             return
         names = self.domains(period, domain)
         self.stats.domains = len(names)
-        late = late_rows.domains_with_late_rows(self.engine, period) if names else set()
-        for done, name in enumerate(names):
-            if self.progress:
-                self.progress(done, len(names), name)
-            if lease is not None:
-                lease.renew()
-            if already_stored(self.engine, name, period, self.settings.format):
-                self.stats.domains_already_done += 1
-                continue
-            self._first_reports(period, name, name in late)
+        with late_rows.snapshot(self.engine) as view:
+            # Asked once, on the snapshot the plain queries read.
+            late = late_rows.domains_with_late_rows(view, period) if names else set()
+            for done, name in enumerate(names):
+                if self.progress:
+                    self.progress(done, len(names), name)
+                if lease is not None:
+                    lease.renew()
+                if already_stored(self.engine, name, period, self.settings.format):
+                    self.stats.domains_already_done += 1
+                    continue
+                self._first_reports(period, name, view if name not in late else None)
         if self.progress:
             self.progress(len(names), len(names), "")
 
-    def _first_reports(self, period: Period, name: str, has_late_rows: bool) -> None:
+    def _first_reports(self, period: Period, name: str, view: Connection | None) -> None:
+        """The first reports of a domain: on ``view``, the run's snapshot,
+        when it has no late rows there; otherwise after claiming them."""
         settings = self.settings
         claim = None
         selection = None
-        if has_late_rows:
+        source: Engine | Connection = self.engine if view is None else view
+        if view is None:
             # Only now, and only for this domain: the plain query, unchanged,
             # for every domain without late rows.
             claim = late_rows.Claim.for_reports(
@@ -182,7 +187,7 @@ class ReportJob:
             )
             late_rows.claim(self.engine, name, period, claim)
             selection = LateRows(claim.pending)
-        reports = list(build_reports(self.engine, settings, period, name, late=selection))
+        reports = list(build_reports(source, settings, period, name, late=selection))
         messages = sum(report.message_count for report in reports)
         if reports and messages < settings.min_messages:
             self.stats.domains_below_minimum += 1

@@ -25,8 +25,10 @@ is always a dead run's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -86,7 +88,31 @@ def _of(policy_domain: str, period: Period) -> tuple[ColumnElement[bool], ...]:
     )
 
 
-def domains_with_late_rows(engine: Engine, period: Period) -> set[str]:
+@contextlib.contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A connection whose every query sees the database as it was at the
+    first one, and writes nothing.
+
+    The first reports of the domains with no late rows are built on it, with
+    the plain query, after :func:`domains_with_late_rows` was asked on it:
+    a late row committed meanwhile is then in neither, so that report cannot
+    count it, and it waits, unclaimed, for a supplementary report.  Read on
+    a fresh connection, it would be counted there and again later.
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            # pysqlite starts no transaction for a SELECT; in WAL mode an
+            # open read transaction is a snapshot, and writers go on.
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+
+
+def domains_with_late_rows(engine: Engine | Connection, period: Period) -> set[str]:
     """The policy domains with late rows in ``period`` that no stored report
     has claimed: one query per run, read from the claim index, so a domain
     without any pays nothing and its report query stays as it was."""
@@ -100,6 +126,8 @@ def domains_with_late_rows(engine: Engine, period: Period) -> set[str]:
         )
         .distinct()
     )
+    if isinstance(engine, Connection):
+        return {str(name) for name in engine.execute(query).scalars()}
     with engine.connect() as conn:
         return {str(name) for name in conn.execute(query).scalars()}
 
@@ -206,5 +234,6 @@ __all__ = [
     "finish",
     "pending_claims",
     "release",
+    "snapshot",
     "supplements",
 ]
