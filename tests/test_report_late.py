@@ -31,6 +31,7 @@ from dmarcmilter.history.models import (
     ReportRow,
 )
 from dmarcmilter.history.rows import new_idempotency_key, record_key
+from dmarcmilter.report import job as report_job
 from dmarcmilter.report import late as late_rows
 from dmarcmilter.report.aggregate import spread_offset
 from dmarcmilter.report.job import REPORT_GRACE
@@ -234,8 +235,14 @@ def due_times(engine: Engine) -> dict[str, dt.datetime]:
 
 
 def test_a_periods_reports_are_due_spread_over_the_window_and_sent_when_due(
-    migrated: str, engine: Engine, resolver: Resolver, sink: RecordingSink
+    migrated: str,
+    engine: Engine,
+    resolver: Resolver,
+    sink: RecordingSink,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Three read snapshots for the twelve domains' first reports.
+    monkeypatch.setattr(report_job, "SNAPSHOT_DOMAINS", 5)
     store(engine, spread_history())
     config = make_config(migrated, sink, send_spread_minutes=120)
     window = dt.timedelta(minutes=120)
