@@ -375,7 +375,6 @@ def test_late_rows_get_a_supplementary_report_and_each_message_counts_once(
     assert len(set(claims(engine).values())) == 2
 
 
-@SQLITE_ONLY
 def test_a_late_row_there_before_the_first_report_is_counted_there_and_never_again(
     migrated: str, engine: Engine, resolver: Resolver, sink: RecordingSink
 ) -> None:
@@ -448,7 +447,6 @@ def test_a_claim_of_a_run_that_died_is_claimed_again(
     assert claims(engine)[before] != claims(engine)[after[0]]
 
 
-@SQLITE_ONLY
 def test_late_rows_with_nowhere_to_report_are_claimed_once_and_left(
     migrated: str, engine: Engine, resolver: Resolver, sink: RecordingSink
 ) -> None:
