@@ -187,8 +187,8 @@ class ReportJob:
         selection = None
         source: Engine | Connection = self.engine if view is None else view
         if view is None:
-            # Only now, and only for this domain: the plain query, unchanged,
-            # for every domain without late rows.
+            # This domain has late rows: claim the ones there are now, and
+            # count those alone among them (a fresh read, after the claim).
             claim = late_rows.Claim.for_reports(
                 settings.submitter, name, period, settings.format, 0
             )

@@ -10,8 +10,10 @@ alone.  A late row is counted by the one report whose claim it carries:
 * Before the first report of a domain's period is built, the run claims the
   late rows of that domain and period visible then; the report counts the
   other rows and those.  A late row committed after the claim is not
-  counted, and waits for a supplementary report.
-* Each later run claims the unclaimed late rows of every period that has a
+  counted, and waits for a supplementary report.  A domain with no late
+  rows gets the plain query, read on the snapshot (:func:`snapshot`) on
+  which it was found to have none.
+* After the first reports, every run claims the unclaimed late rows of every period that has a
   stored first report, and makes a supplementary report (sequence n+1, its
   own report_id) that counts those rows alone.
 
