@@ -570,12 +570,20 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"incident(s)) written to {args.dry_run}"
             )
         else:
+            waiting = " (the period is not over for long enough: waiting)"
             print(
                 f"{span}: {stats.domains} domain(s), {stats.reports_generated} report(s) "
-                f"generated ({stats.domains_already_done} domain(s) already done); "
+                f"generated ({stats.domains_already_done} domain(s) already done, "
+                f"{stats.domains_below_minimum} below report.min_messages)"
+                f"{waiting if stats.period_not_over else ''}, "
+                f"{stats.supplementary_reports} supplementary for late rows; "
                 f"{stats.sent} sent, {stats.retry_later} to retry, {stats.failed} failed, "
                 f"{stats.refused} not authorized, {stats.rate_limited} held by the rate limit, "
-                f"{stats.suppressed} suppressed; " + _failure_summary(stats)
+                f"{stats.suppressed} suppressed; bounces: {stats.bounces_counted} counted, "
+                f"{stats.bounces_unknown} unknown, {stats.bounces_mismatch} mismatched, "
+                f"{stats.bounces_duplicate} duplicate"
+                f"{' (more wait for the next run)' if stats.bounces_left else ''}; "
+                + _failure_summary(stats)
             )
     return EXIT_OK
 

@@ -182,6 +182,8 @@ def make_config(url: str, sink: ReportSink | None = None, **report: Any) -> Conf
         "smtp_port": sink.port if sink else 25,
         "smtp_starttls": "off",
         "smtp_timeout": 5,
+        # Sent by the first run: the tests of spreading set their own.
+        "send_spread_minutes": 0,
     }
     settings.update(report)
     return config_from_mapping({"database": {"url": url}, "report": settings})

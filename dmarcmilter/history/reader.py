@@ -24,14 +24,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, UnaryExpression, func, select
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy import ColumnElement, Select, UnaryExpression, and_, exists, func, or_, select
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import InstrumentedAttribute
 
 from ..errors import DatabaseError
 from .db import short_error
-from .models import MessageRow
+from .models import LateMessageRow, MessageRow
 
 T = TypeVar("T")
 
@@ -104,6 +104,44 @@ class ReportRecord:
     policy: PublishedPolicy
 
 
+# A report run claims late rows before it builds the report that counts
+# them, and the claim becomes final in the transaction that stores it.  Until
+# then the claim is "pending": the final claim with its first character
+# replaced by PENDING_CLAIM_PREFIX, which no final claim (hex digits) starts
+# with, so the rows of a run that died in between are found and claimed again.
+PENDING_CLAIM_PREFIX = "p"
+
+
+def pending_claim(final: str) -> str:
+    return PENDING_CLAIM_PREFIX + final[1:]
+
+
+def claim_is_pending(column: Any) -> ColumnElement[bool]:
+    """A range rather than LIKE: every database reads it from the index."""
+    return and_(column >= PENDING_CLAIM_PREFIX, column < chr(ord(PENDING_CLAIM_PREFIX) + 1))
+
+
+def claimable(column: Any) -> ColumnElement[bool]:
+    """A late row that no stored report has claimed."""
+    return or_(column.is_(None), claim_is_pending(column))
+
+
+@dataclass(frozen=True, slots=True)
+class LateRows:
+    """Which late rows (``late_messages``: written after their day ended) a
+    report counts.  Every other row of the period is counted by the first
+    report alone, and a late row by the one report whose claim it carries,
+    so across all reports of a period each message is counted once.
+
+    ``claim`` None counts the late rows no stored report has claimed (a dry
+    run's view, which claims nothing); ``only`` counts the claimed late rows alone (a supplementary
+    report) instead of adding them to the rest.
+    """
+
+    claim: str | None
+    only: bool = False
+
+
 # Policy columns lead the sort so that each published-policy configuration
 # comes out as one run of records: one report per configuration.
 _POLICY_COLUMNS = (
@@ -122,13 +160,14 @@ _POLICY_COLUMNS = (
 
 
 def report_records(
-    engine: Engine,
+    engine: Engine | Connection,
     policy_domain: str,
     begin: dt.datetime,
     end: dt.datetime,
     *,
     include_envelope_to: bool = False,
     batch_size: int = BATCH_SIZE,
+    late: LateRows | None = None,
 ) -> Iterator[ReportRecord]:
     """The report records of ``policy_domain`` for messages that arrived in
     ``[begin, end)``, grouped by published policy first.
@@ -137,9 +176,11 @@ def report_records(
     at once (ValueError); the query runs when iteration starts, so
     :class:`DatabaseError` comes from the iterator.  With
     ``include_envelope_to``, messages to different recipient domains make
-    different records.
+    different records.  With ``late`` None every message of the period
+    counts (the query as it is when the period has no late rows); otherwise
+    late rows count as :class:`LateRows` says.
     """
-    query = _report_query(engine, policy_domain, begin, end, include_envelope_to)
+    query = _report_query(engine, policy_domain, begin, end, include_envelope_to, late)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     record = functools.partial(_record, policy_domain, include_envelope_to)
@@ -164,7 +205,11 @@ def policy_domains(engine: Engine, begin: dt.datetime, end: dt.datetime) -> Iter
 
 
 def record_errors(
-    engine: Engine, policy_domain: str, begin: dt.datetime, end: dt.datetime
+    engine: Engine | Connection,
+    policy_domain: str,
+    begin: dt.datetime,
+    end: dt.datetime,
+    late: LateRows | None = None,
 ) -> list[str]:
     """The distinct problems, sorted, found in the DMARC records of
     ``policy_domain`` evaluated for messages that arrived in ``[begin, end)``."""
@@ -173,6 +218,7 @@ def record_errors(
         .where(
             MessageRow.policy_domain == policy_domain,
             *_window(begin, end),
+            *_late_filter(late),
             MessageRow.record_errors.is_not(None),
             MessageRow.record_errors != "",
         )
@@ -182,6 +228,11 @@ def record_errors(
     # The column joins a record's problems with newlines; records with some
     # problems in common are distinct rows, so deduplicate line by line.
     return sorted({line for text in stored for line in text.splitlines() if line.strip()})
+
+
+def arrival_window(begin: dt.datetime, end: dt.datetime) -> tuple[ColumnElement[bool], ...]:
+    """Messages that arrived in ``[begin, end)``, as WHERE conditions."""
+    return _window(begin, end)
 
 
 def _window(begin: dt.datetime, end: dt.datetime) -> tuple[ColumnElement[bool], ...]:
@@ -198,12 +249,26 @@ def _window(begin: dt.datetime, end: dt.datetime) -> tuple[ColumnElement[bool], 
     return MessageRow.arrived_at >= begin, MessageRow.arrived_at < end
 
 
+def _late_filter(late: LateRows | None) -> tuple[ColumnElement[bool], ...]:
+    if late is None:
+        return ()
+    claimed = LateMessageRow.message_pk == MessageRow.id
+    if late.only:
+        return (exists().where(claimed, LateMessageRow.claim == late.claim),)
+    if late.claim is None:
+        not_counted = ~claimable(LateMessageRow.claim)
+    else:
+        not_counted = or_(LateMessageRow.claim.is_(None), LateMessageRow.claim != late.claim)
+    return (~exists().where(claimed, not_counted),)
+
+
 def _report_query(
-    engine: Engine,
+    engine: Engine | Connection,
     policy_domain: str,
     begin: dt.datetime,
     end: dt.datetime,
     include_envelope_to: bool,
+    late: LateRows | None = None,
 ) -> Select[Any]:
     # Group by the one-column digest of everything that makes a record
     # (rows.record_key): the database sorts a million short keys read from
@@ -215,7 +280,7 @@ def _report_query(
         envelope_to = [MessageRow.envelope_to_domain]
     groups = (
         select(func.min(MessageRow.id).label("id"), func.count().label("message_count"))
-        .where(MessageRow.policy_domain == policy_domain, *_window(begin, end))
+        .where(MessageRow.policy_domain == policy_domain, *_window(begin, end), *_late_filter(late))
         .group_by(*keys, *envelope_to)
         .subquery("groups")
     )
@@ -241,7 +306,9 @@ def _report_query(
     )
 
 
-def _ascending(engine: Engine, key: InstrumentedAttribute[Any]) -> UnaryExpression[Any]:
+def _ascending(
+    engine: Engine | Connection, key: InstrumentedAttribute[Any]
+) -> UnaryExpression[Any]:
     # The same history must give the records in the same order everywhere.
     # PostgreSQL alone puts NULLs last in ascending order, and MySQL has no
     # NULLS FIRST syntax, so ask for it only where it changes something.
@@ -251,24 +318,35 @@ def _ascending(engine: Engine, key: InstrumentedAttribute[Any]) -> UnaryExpressi
 
 
 def _stream(
-    engine: Engine,
+    engine: Engine | Connection,
     query: Select[Any],
     batch_size: int,
     convert: Callable[[Row[Any]], T],
     what: str,
 ) -> Iterator[T]:
+    """The rows of ``query``; on a connection given (a caller's snapshot,
+    left open), or on one of the engine's."""
     try:
-        with engine.connect() as conn:
-            # A server-side cursor on PostgreSQL; pysqlite steps through the
-            # result as it is fetched anyway.
-            streaming = conn.execution_options(stream_results=True, yield_per=batch_size)
-            # Closed explicitly, so a caller that stops early (or an error)
-            # does not leave the server-side cursor to the garbage collector.
-            with streaming.execute(query) as result:
-                for row in result:
-                    yield convert(row)
+        if isinstance(engine, Connection):
+            yield from _rows(engine, query, batch_size, convert)
+        else:
+            with engine.connect() as conn:
+                yield from _rows(conn, query, batch_size, convert)
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read {what}: {short_error(exc)}") from None
+
+
+def _rows(
+    conn: Connection, query: Select[Any], batch_size: int, convert: Callable[[Row[Any]], T]
+) -> Iterator[T]:
+    # A server-side cursor on PostgreSQL; pysqlite steps through the
+    # result as it is fetched anyway.
+    streaming = conn.execution_options(stream_results=True, yield_per=batch_size)
+    # Closed explicitly, so a caller that stops early (or an error) does
+    # not leave the server-side cursor to the garbage collector.
+    with streaming.execute(query) as result:
+        for row in result:
+            yield convert(row)
 
 
 def _first(row: Row[Any]) -> Any:

@@ -18,7 +18,7 @@ import hashlib
 import io
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,7 +30,14 @@ from .. import __version__
 from ..config import Config
 from ..errors import ConfigError
 from ..history.models import ReportRow
-from ..history.reader import PublishedPolicy, policy_domains, record_errors, report_records
+from ..history.reader import (
+    LateRows,
+    PublishedPolicy,
+    policy_domains,
+    record_errors,
+    report_records,
+)
+from . import late as late_rows
 from .destinations import Destination, parse_rua
 from .mail import build_report_message, report_filename
 from .model import ReportMetadata
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 REPORTS = cast(Table, ReportRow.__table__)
 
 GENERATOR = f"dmarcmilter/{__version__}"
+# reports.kind of an aggregate report.
+AGGREGATE = "aggregate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,8 @@ class ReportSettings:
     max_uris: int
     rate_limit_per_hour: int
     retry_for: dt.timedelta
+    min_messages: int = 1
+    send_spread: dt.timedelta = dt.timedelta(0)
 
     @classmethod
     def from_config(cls, config: Config, source: str = "the configuration") -> ReportSettings:
@@ -81,6 +92,8 @@ class ReportSettings:
             max_uris=report.max_uris,
             rate_limit_per_hour=report.rate_limit_per_hour,
             retry_for=dt.timedelta(hours=report.retry_hours),
+            min_messages=report.min_messages,
+            send_spread=dt.timedelta(minutes=report.send_spread_minutes),
         )
         # The mail code has the last word on what a report mail can carry:
         # try it once now, rather than fail on every report later.
@@ -119,6 +132,7 @@ class BuiltReport:
     record_count: int
     destinations: tuple[Destination, ...]
     ignored_uris: tuple[str, ...]
+    sequence: int = 0  # 0: the period's first report; n: the n-th supplementary
 
     def stored(self) -> StoredReport:
         """The report as the outbox keeps it, for composing its mail."""
@@ -142,24 +156,54 @@ def report_id_for(
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+def supplementary_report_id(report_id: str, sequence: int) -> str:
+    """The id of the ``sequence``-th supplementary report of the report
+    ``report_id`` would be.  The first report's id is 32 hex digits, so
+    "s" and the sequence make an id no first report has and no other
+    supplementary report either: a report_id is never used twice."""
+    if sequence < 1:
+        raise ValueError(f"a supplementary report's sequence starts at 1, not {sequence}")
+    return f"{report_id}s{sequence}"
+
+
+def spread_offset(report_id: str, window: dt.timedelta) -> dt.timedelta:
+    """A report's fixed place in the sending window: from its id, so it is
+    the same on every run and every host, and the reports of a period fall
+    evenly over ``[0, window)`` (whole seconds)."""
+    seconds = int(window.total_seconds())
+    if seconds <= 0:
+        return dt.timedelta(0)
+    digest = hashlib.blake2b(report_id.encode("ascii"), digest_size=8).digest()
+    return dt.timedelta(seconds=int.from_bytes(digest, "big") % seconds)
+
+
 def build_reports(
-    engine: Engine, settings: ReportSettings, period: Period, policy_domain: str
+    engine: Engine | Connection,
+    settings: ReportSettings,
+    period: Period,
+    policy_domain: str,
+    *,
+    late: LateRows | None = None,
+    sequence: int = 0,
 ) -> Iterator[BuiltReport]:
     """The reports of one policy domain for ``period``: one per published
-    policy configuration.
+    policy configuration.  ``late`` says which late rows count (None: every
+    row of the period, the plain query); ``sequence`` > 0 makes
+    supplementary reports, each id derived from the first report's.
 
     [impl choice] RFC 9990 lets a receiver whose policy changed within the
     period either send one report per configuration or report only the
     final one; each row here is reported under the policy that was in force
     when it was evaluated, which only separate reports can say.
     """
-    errors = tuple(record_errors(engine, policy_domain, period.begin, period.end))
+    errors = tuple(record_errors(engine, policy_domain, period.begin, period.end, late))
     records = report_records(
         engine,
         policy_domain,
         period.begin,
         period.end,
         include_envelope_to=settings.envelope_to,
+        late=late,
     )
     # The reader sorts by the policy columns first, so each configuration
     # is one run of records, streamed into its report.
@@ -172,6 +216,8 @@ def build_reports(
                 pass
             continue
         report_id = report_id_for(settings.submitter, policy, period, settings.format)
+        if sequence:
+            report_id = supplementary_report_id(report_id, sequence)
         metadata = ReportMetadata(
             org_name=settings.org_name,
             email=settings.email,
@@ -200,6 +246,7 @@ def build_reports(
             record_count=written.record_count,
             destinations=destinations,
             ignored_uris=ignored,
+            sequence=sequence,
         )
 
 
@@ -224,6 +271,7 @@ def already_stored(engine: Engine, policy_domain: str, period: Period, fmt: Repo
         found = conn.execute(
             select(table.c.id)
             .where(
+                table.c.kind == AGGREGATE,
                 table.c.policy_domain == policy_domain,
                 table.c.period_begin == period.begin_ts,
                 table.c.period_end == period.end_ts,
@@ -234,21 +282,37 @@ def already_stored(engine: Engine, policy_domain: str, period: Period, fmt: Repo
     return found is not None
 
 
-def store_reports(engine: Engine, reports: list[BuiltReport], now: dt.datetime, host: str) -> bool:
-    """Store one domain's reports and their deliveries atomically;
-    False when another run stored them first."""
+def store_reports(
+    engine: Engine,
+    reports: list[BuiltReport],
+    now: dt.datetime,
+    host: str,
+    *,
+    due: Callable[[BuiltReport], dt.datetime | None] | None = None,
+    claim: late_rows.Claim | None = None,
+) -> bool:
+    """Store one domain's reports and their deliveries atomically, each
+    delivery due at ``due(report)`` (at once by default), and make the late
+    rows' ``claim`` final in the same transaction; False when another run
+    stored them first."""
     try:
         with engine.begin() as conn:
             for report in reports:
-                _store_one(conn, report, now, host)
+                _store_one(conn, report, now, host, due(report) if due is not None else None)
+            if claim is not None:
+                late_rows.finish(conn, claim)
     except IntegrityError:
         return False
     return True
 
 
-def _store_one(conn: Connection, report: BuiltReport, now: dt.datetime, host: str) -> None:
+def _store_one(
+    conn: Connection, report: BuiltReport, now: dt.datetime, host: str, due: dt.datetime | None
+) -> None:
     result = conn.execute(
         insert(REPORTS).values(
+            kind=AGGREGATE,
+            sequence=report.sequence,
             report_id=report.report_id,
             policy_domain=report.policy_domain,
             period_begin=report.period.begin_ts,
@@ -264,7 +328,7 @@ def _store_one(conn: Connection, report: BuiltReport, now: dt.datetime, host: st
     )
     inserted = result.inserted_primary_key
     assert inserted is not None  # a single-row INSERT always has one
-    queue_deliveries(conn, inserted[0], report.destinations, now)
+    queue_deliveries(conn, inserted[0], report.destinations, now, due)
     for problem in report.ignored_uris:
         log.info("report %s for %s: %s", report.report_id, report.policy_domain, problem)
 
@@ -287,10 +351,12 @@ def report_message(
         attachment=report.content,
         filename=report.filename,
         date=now,
+        message_token=report.message_token,
     )
 
 
 __all__ = [
+    "AGGREGATE",
     "GENERATOR",
     "BuiltReport",
     "ReportSettings",
@@ -299,5 +365,7 @@ __all__ = [
     "domains_to_report",
     "report_id_for",
     "report_message",
+    "spread_offset",
     "store_reports",
+    "supplementary_report_id",
 ]

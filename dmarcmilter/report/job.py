@@ -2,11 +2,20 @@
 mail (RFC 9990 §2, §3; digest §6.1, §6.3, §6.4), and recorded failure
 incidents → failure reports → delivered mail (RFC 9991; digest §7).
 
-A run holds the fleet lease (:mod:`~dmarcmilter.report.lease`), then has two
-steps.  **Generate**: the aggregate reports of the period are built and
-stored with their deliveries (:mod:`~dmarcmilter.report.aggregate`).
+A run holds the fleet lease (:mod:`~dmarcmilter.report.lease`), then has
+these steps.  **Generate**: the aggregate reports of the period are built
+and stored with their deliveries (:mod:`~dmarcmilter.report.aggregate`),
+once the period has been over for REPORT_GRACE; a domain with fewer than
+``report.min_messages`` messages gets none.  **Supplement**: late rows of
+periods already reported get supplementary reports
+(:mod:`~dmarcmilter.report.late`).  **Bounces**: recorded bounces of our
+report mail are checked and counted (:mod:`~dmarcmilter.report.bounces`).
 **Deliver**: every delivery that is due is verified and sent, with retries
 and the per-destination rate limit (:mod:`~dmarcmilter.report.outbox`).
+A period's deliveries are due spread over ``report.send_spread_minutes``
+after it ends, each report at a fixed offset, so that a fleet's reports do
+not leave in one burst.
+
 The **failure phase** runs under its own lease (FAILURE_LEASE_NAME), so a
 long aggregate run never holds failure reports back: the failure sender
 (:mod:`~dmarcmilter.report.failure_sender`) merges and rate-limits the
@@ -16,7 +25,8 @@ With ``failure_reports.enabled`` false the failure phase does nothing:
 incidents already recorded stay pending (and are dropped as stale after
 ``report.retry_hours`` once it is on again), and queued failure reports
 are not sent, so turning the option off stops all failure-report mail at
-once.
+once.  Recorded bounces are checked in both phases.
+
 A dry run writes the reports and messages into a directory and writes
 nothing to the database.
 """
@@ -29,13 +39,16 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import Config
 from ..errors import DatabaseError, ReportError
 from ..history.db import short_error
+from ..history.reader import LateRows
 from ..resolver import Resolver
+from . import bounces
+from . import late as late_rows
 from .aggregate import (
     BuiltReport,
     ReportSettings,
@@ -43,6 +56,7 @@ from .aggregate import (
     build_reports,
     domains_to_report,
     report_message,
+    spread_offset,
     store_reports,
 )
 from .delivery import Transport
@@ -65,14 +79,31 @@ FAILURE_LEASE_NAME = "failure-reports"
 
 log = logging.getLogger(__name__)
 
+# A period's first reports are made once it has been over this long, so
+# that the rows of messages still being written at its end (the writer
+# batches for a second or two) are in them rather than in a supplementary
+# report.  The shipped cron job runs at 7 past the hour.
+REPORT_GRACE = dt.timedelta(minutes=5)
+# Domains whose first reports are built on one read snapshot (see
+# late.snapshot) before the next is taken.  SQLite cannot reset its
+# write-ahead log while a snapshot is open, so the reports a run stores
+# meanwhile make it grow and every commit slower; a fresh snapshot per this
+# many domains keeps it short, for one more (indexed) query each.
+SNAPSHOT_DOMAINS = 100
+
 
 @dataclass
-class RunStats(FailureStats, DeliveryStats):
+class RunStats(FailureStats, DeliveryStats, bounces.BounceStats):
     """What a run did, for the summary and the tests."""
 
     domains: int = 0
     reports_generated: int = 0
     domains_already_done: int = 0
+    # Fewer messages than report.min_messages: no report, not an error.
+    domains_below_minimum: int = 0
+    # The period ended less than REPORT_GRACE ago: its reports wait.
+    period_not_over: bool = False
+    supplementary_reports: int = 0
     lease_holder: str | None = None  # another host running: this run did nothing
     failure_lease_holder: str | None = None  # the same, for the failure phase
     failure_disabled: bool = False  # failure_reports.enabled is false: phase skipped
@@ -159,9 +190,15 @@ class ReportJob:
 
     def _aggregate(self, period: Period, domain: str | None, lease: Lease) -> None:
         self.generate(period, domain, lease)
+        self.supplement(domain, lease)
+        self._bounces()
         self.deliver(lease, (AGGREGATE,))
 
+    def _bounces(self) -> None:
+        bounces.process(self.engine, self.config, self.settings.submitter, self.clock, self.stats)
+
     def _failure(self, lease: Lease) -> None:
+        self._bounces()
         FailureSender(
             config=self.config,
             engine=self.engine,
@@ -178,23 +215,129 @@ class ReportJob:
         return domains_to_report(self.engine, period, domain)
 
     def generate(self, period: Period, domain: str | None, lease: Lease | None = None) -> None:
+        if self.clock() < period.end + REPORT_GRACE:
+            self.stats.period_not_over = True
+            log.info(
+                "the reports of %s wait until %s: the period has not been over for %s",
+                period.begin.date().isoformat(),
+                (period.end + REPORT_GRACE).isoformat(),
+                REPORT_GRACE,
+            )
+            return
         names = self.domains(period, domain)
         self.stats.domains = len(names)
-        for done, name in enumerate(names):
-            if self.progress:
-                self.progress(done, len(names), name)
-            if lease is not None:
-                lease.renew()
-            if already_stored(self.engine, name, period, self.settings.format):
-                self.stats.domains_already_done += 1
-                continue
-            reports = list(build_reports(self.engine, self.settings, period, name))
-            if reports and store_reports(self.engine, reports, self.clock(), self.host):
-                self.stats.reports_generated += len(reports)
-            elif reports:
-                self.stats.domains_already_done += 1
+        for start in range(0, len(names), SNAPSHOT_DOMAINS):
+            with late_rows.snapshot(self.engine) as view:
+                # Asked on the snapshot the plain queries of these domains read.
+                late = late_rows.domains_with_late_rows(view, period)
+                for done, name in enumerate(names[start : start + SNAPSHOT_DOMAINS], start):
+                    if self.progress:
+                        self.progress(done, len(names), name)
+                    if lease is not None:
+                        lease.renew()
+                    if already_stored(self.engine, name, period, self.settings.format):
+                        self.stats.domains_already_done += 1
+                        continue
+                    self._first_reports(period, name, view if name not in late else None)
         if self.progress:
             self.progress(len(names), len(names), "")
+
+    def _first_reports(self, period: Period, name: str, view: Connection | None) -> None:
+        """The first reports of a domain: on ``view``, the run's snapshot,
+        when it has no late rows there; otherwise after claiming them."""
+        settings = self.settings
+        claim = None
+        selection = None
+        source: Engine | Connection = self.engine if view is None else view
+        if view is None:
+            # This domain has late rows: claim the ones there are now, and
+            # count those alone among them (a fresh read, after the claim).
+            claim = late_rows.Claim.for_reports(
+                settings.submitter, name, period, settings.format, 0
+            )
+            late_rows.claim(self.engine, name, period, claim)
+            selection = LateRows(claim.pending)
+        reports = list(build_reports(source, settings, period, name, late=selection))
+        messages = sum(report.message_count for report in reports)
+        if reports and messages < settings.min_messages:
+            self.stats.domains_below_minimum += 1
+            log.info(
+                "no report for %s on %s: %d message(s), fewer than report.min_messages (%d)",
+                name,
+                period.begin.date().isoformat(),
+                messages,
+                settings.min_messages,
+            )
+            reports = []
+        if reports and store_reports(
+            self.engine,
+            reports,
+            self.clock(),
+            self.host,
+            due=functools.partial(self._due, start=period.end),
+            claim=claim,
+        ):
+            self.stats.reports_generated += len(reports)
+            return
+        if reports:
+            self.stats.domains_already_done += 1
+        if claim is not None:
+            # Nothing stored: the rows go back, for the next first report.
+            late_rows.release(self.engine, claim)
+
+    def supplement(self, domain: str | None, lease: Lease | None = None) -> None:
+        """Supplementary reports: for every period already reported, the
+        late rows no report has counted yet (at most
+        late.MAX_SUPPLEMENTS_PER_RUN periods a run; the rest wait)."""
+        settings = self.settings
+        for item in late_rows.supplements(self.engine, domain):
+            if lease is not None:
+                lease.renew()
+            claim = late_rows.Claim.for_reports(
+                settings.submitter, item.policy_domain, item.period, settings.format, item.sequence
+            )
+            if not late_rows.claim(self.engine, item.policy_domain, item.period, claim):
+                continue  # its late rows are in another period
+            reports = list(
+                build_reports(
+                    self.engine,
+                    settings,
+                    item.period,
+                    item.policy_domain,
+                    late=LateRows(claim.pending, only=True),
+                    sequence=item.sequence,
+                )
+            )
+            now = self.clock()
+            # Made at any hour, after a replay: spread from now.  With no
+            # report (no usable destination), the claim is still made final,
+            # so those rows are not claimed again on every run.
+            if store_reports(
+                self.engine,
+                reports,
+                now,
+                self.host,
+                due=functools.partial(self._due, start=now),
+                claim=claim,
+            ):
+                self.stats.supplementary_reports += len(reports)
+                for report in reports:
+                    log.info(
+                        "supplementary report %s for %s on %s: %d late message(s)",
+                        report.report_id,
+                        report.policy_domain,
+                        item.period.begin.date().isoformat(),
+                        report.message_count,
+                    )
+            else:
+                late_rows.release(self.engine, claim)
+
+    def _due(self, report: BuiltReport, start: dt.datetime) -> dt.datetime | None:
+        """When a report's deliveries are first due: ``start`` plus its
+        fixed place in the sending window; at once without a window."""
+        if not self.settings.send_spread:
+            return None
+        return start + spread_offset(report.report_id, self.settings.send_spread)
 
     # -- delivery --------------------------------------------------------------
 
@@ -263,10 +406,18 @@ def dry_run(
             return stats
         names = job.domains(period, domain)
         stats.domains = len(names)
+        late = late_rows.domains_with_late_rows(engine, period) if names else set()
         for done, name in enumerate(names):
             if progress:
                 progress(done, len(names), name)
-            for report in build_reports(engine, settings, period, name):
+            # What a first report made now would count: the late rows no
+            # stored report has claimed too.  Nothing is claimed or spread.
+            selection = LateRows(None) if name in late else None
+            reports = list(build_reports(engine, settings, period, name, late=selection))
+            if reports and sum(r.message_count for r in reports) < settings.min_messages:
+                stats.domains_below_minimum += 1
+                continue
+            for report in reports:
                 _write_dry_run(directory, report, settings, clock())
                 stats.reports_generated += 1
         if progress:
@@ -327,4 +478,4 @@ def _write_dry_run(
         raise ReportError(f"cannot write into {directory}: {exc.strerror or exc}") from None
 
 
-__all__ = ["Progress", "ReportJob", "RunStats", "dry_run"]
+__all__ = ["REPORT_GRACE", "Progress", "ReportJob", "RunStats", "dry_run"]

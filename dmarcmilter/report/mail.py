@@ -162,6 +162,7 @@ def build_report_message(
     attachment: bytes,
     filename: str,
     date: datetime.datetime,
+    message_token: str = "",
 ) -> bytes:
     """The whole report message as bytes with CRLF line ends.
 
@@ -169,7 +170,9 @@ def build_report_message(
     domain, period and report id (compressed or not; the media type follows
     from the extension), so that the Subject's Report-ID and the filename's
     unique-id cannot disagree.  ``date`` must be timezone-aware; it is written
-    in UTC.  Raises ValueError for any unusable value.
+    in UTC.  ``message_token`` is the delivery's secret token, carried in the
+    Message-ID (:func:`report_message_id`).  Raises ValueError for any
+    unusable value.
     """
     sender = normalize_address(from_address, "From address")
     recipient = normalize_address(to_address, "To address")
@@ -178,7 +181,7 @@ def build_report_message(
         raise ValueError(f"org name longer than {MAX_ORG_NAME} characters")
     _check_text(filename, "filename")
     subject = report_subject(policy_domain, submitter, report_id)
-    message_id = report_message_id(submitter, report_id)
+    message_id = report_message_id(submitter, report_id, message_token)
     policy_a = _domain_name(policy_domain, "policy domain")
     submitter_a = _domain_name(submitter, "submitter")
     extension = _check_filename(filename, receiver, policy_domain, begin, end, report_id)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,10 @@ RATE_WINDOW = dt.timedelta(hours=1)
 # query, so this keeps the bound parameters well under every database's
 # limit (SQLite 32766, PostgreSQL 65535); a longer queue takes more queries.
 SUPPRESSION_BATCH = 200
+# The random part of a report mail's Message-ID (models.ReportDeliveryRow
+# .message_token): 16 bytes, 128 bits, which no one guesses in a lifetime
+# of forged bounces.
+MESSAGE_TOKEN_BYTES = 16
 
 # Delivery states (report_deliveries.status).
 PENDING = "pending"
@@ -105,7 +110,9 @@ class StoredReport:
     filename: str
     content: bytes
     kind: str = "aggregate"  # reports.kind: "aggregate" (RFC 9990) or "failure" (RFC 9991)
-    message_token: str = ""  # the delivery's random Message-ID token; "" when it has none
+    # The delivery's secret token, for the Message-ID ("" for deliveries
+    # queued before tokens existed: the old Message-ID form).
+    message_token: str = ""
 
 
 # Report kinds (reports.kind), and the DMARC tag that authorizes each one's
@@ -121,12 +128,23 @@ _TAG: dict[str, ReportTag] = {AGGREGATE: "rua", FAILURE: "ruf"}
 Compose = Callable[[StoredReport, str, dt.datetime], bytes]
 
 
+def new_message_token() -> str:
+    """A delivery's secret: 128 random bits, as 32 hex digits (alphanumeric,
+    as a Message-ID's id-left needs, and the width of the column)."""
+    return secrets.token_hex(MESSAGE_TOKEN_BYTES)
+
+
 def queue_deliveries(
-    conn: Connection, report_pk: int, destinations: Sequence[Destination], now: dt.datetime
+    conn: Connection,
+    report_pk: int,
+    destinations: Sequence[Destination],
+    now: dt.datetime,
+    due: dt.datetime | None = None,
 ) -> None:
     """One pending delivery per destination of a report being stored, due
-    at once; in the caller's transaction, so a report is never stored
-    without them."""
+    at ``due`` (at once when None), each with its own secret Message-ID
+    token; in the caller's transaction, so a report is never stored without
+    them."""
     rows = [
         {
             "report_pk": report_pk,
@@ -136,9 +154,10 @@ def queue_deliveries(
             "destination_domain": destination.host,
             "status": PENDING,
             "attempts": 0,
-            "next_attempt_at": now,
+            "next_attempt_at": now if due is None else due,
             "sent_at": None,
             "detail": "",
+            "message_token": new_message_token(),
         }
         for position, destination in enumerate(destinations)
     ]
@@ -490,6 +509,7 @@ __all__ = [
     "FIRST_RETRY_DELAY",
     "KINDS",
     "MAX_RETRY_DELAY",
+    "MESSAGE_TOKEN_BYTES",
     "RATE_WINDOW",
     "SUPPRESSED",
     "SUPPRESSION_BATCH",
@@ -499,6 +519,7 @@ __all__ = [
     "Outbox",
     "StoredReport",
     "make_transport",
+    "new_message_token",
     "queue_deliveries",
     "retry_delay",
 ]
