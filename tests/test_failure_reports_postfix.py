@@ -66,9 +66,7 @@ ZONE: dict[str, Any] = {
     "_dmarc.example.com": [("TXT", f"v=DMARC1; p=none; fo=1; ruf=mailto:{RUF}")],
     # Our own domain asks for failure reports too: without the loop guard,
     # our report mail failing DMARC here would be reported on.
-    "_dmarc.receiver.example": [
-        ("TXT", "v=DMARC1; p=none; fo=1; ruf=mailto:ruf@receiver.example")
-    ],
+    "_dmarc.receiver.example": [("TXT", "v=DMARC1; p=none; fo=1; ruf=mailto:ruf@receiver.example")],
 }
 
 
@@ -296,7 +294,9 @@ def test_reports_wait_for_a_dead_smarthost_a_bounce_suppresses_and_remove_lifts(
     # The destination bounces it.  The bounce comes in through Postfix and
     # the milter, and one hard bounce suppresses the destination
     # (suppress_after_bounces = 1): the next report is not sent there.
-    sent = mta.send("", REPORT_ADDRESS, dsn(message_id, RUF), client_ip=DSN_IP, helo="mx.example.com")
+    sent = mta.send(
+        "", REPORT_ADDRESS, dsn(message_id, RUF), client_ip=DSN_IP, helo="mx.example.com"
+    )
     assert sent.accepted, sent.reply
     with engine.connect() as conn:
         eventually(
@@ -340,9 +340,7 @@ def test_our_own_failure_report_coming_back_is_not_reported_on(
     assert sent.accepted, sent.reply
     own = eventually(
         lambda: [
-            line
-            for line in milter.log_lines("message")
-            if line.get("queue_id") == sent.queue_id
+            line for line in milter.log_lines("message") if line.get("queue_id") == sent.queue_id
         ],
         "the milter's line for our report",
     )

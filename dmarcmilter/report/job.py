@@ -34,6 +34,7 @@ nothing to the database.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
