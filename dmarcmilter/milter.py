@@ -584,7 +584,9 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             if name == "Authentication-Results":
                 ar = value
         body = message.raw if settings.include_body and not txn.body_cut else None
-        return FailureMaterial(settings, headers, ar, self.authserv_id, body)
+        return FailureMaterial(
+            settings, headers, ar, self.authserv_id, body, header_bytes=txn.header_bytes
+        )
 
     def _to_report_address(self, txn: _Transaction) -> bool:
         """Whether a recipient is our report address (report.from_address),

@@ -849,6 +849,37 @@ def test_incidents_waiting_past_the_bound_are_counted_and_logged(
     assert "3 failure incidents not recorded" in caplog.text
 
 
+def test_incidents_waiting_past_the_byte_bound_are_counted_and_logged(
+    failing: tuple[Any, ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Few incidents, but with huge header sections: the bytes they pin are
+    bounded too, not only their number."""
+    import dmarcmilter.history.writer as writer_module
+
+    evaluation, decision, material = failing
+    monkeypatch.setattr(writer_module, "MAX_PENDING_FAILURE_BYTES", 10 * 1024 * 1024)
+    url = f"sqlite:///{tmp_path / 'h.sqlite3'}"
+    db.upgrade(url)
+    writer = HistoryWriter(url, tmp_path / "j", flush_interval=3600, batch_size=1000)
+    writer.start()
+    huge = material._replace(header_bytes=4 * 1024 * 1024)  # as the milter counted them
+    for _ in range(4):
+        writer.enqueue(evaluation, decision, huge)
+    assert writer.stats().failures_lost == 2
+    assert writer.wait_idle(10)
+    # Once taken, their room is free again.
+    writer.enqueue(evaluation, decision, huge)
+    assert writer.stats().failures_lost == 2
+    assert writer.wait_idle(10)
+    writer.close()
+    assert count_rows(url, "messages") == 5
+    assert count_rows(url, "failure_incidents") == 3
+    assert "2 failure incidents not recorded" in caplog.text
+
+
 def test_a_dmarc_report_does_not_name_a_signature_we_left_unverified(
     start: Start, dns_server: TestDNSServer
 ) -> None:

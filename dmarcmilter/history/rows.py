@@ -485,6 +485,15 @@ class FailureMaterial(NamedTuple):
     message: bytes | None = None
     body: bytes | None = None
     body_left: int = 0
+    # The size of ``headers`` as the milter counted it while receiving them,
+    # so the writer can bound what waits in bytes without walking the list.
+    header_bytes: int = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """About what a waiting incident keeps alive: its header fields and
+        the body cut for the sample (see kept_material)."""
+        return self.header_bytes + (len(self.body) if self.body is not None else 0)
 
 
 def failure_candidate(evaluation: Evaluation) -> bool:

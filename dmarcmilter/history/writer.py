@@ -75,6 +75,11 @@ TROUBLE_LOG_INTERVAL = 30.0
 # its evaluation, header fields and at most MAX_SAMPLE_BODY_BYTES of body).
 # Past it an incident is not recorded (failures_lost, logged).
 MAX_PENDING_FAILURES = 10_000
+# ... and in bytes: the header fields and sample bodies they keep alive.  A
+# message may carry up to milter.MAX_HEADER_BYTES of header fields, so the
+# count alone would let a flood of huge headers pin gigabytes.  Past it an
+# incident is not recorded (failures_lost, logged).
+MAX_PENDING_FAILURE_BYTES = 64 * 1024 * 1024
 
 
 class Queued(NamedTuple):
@@ -177,6 +182,9 @@ class HistoryWriter:
             tuple[dict[str, Any], Evaluation, Decision, FailureMaterial]
         ] = collections.deque()
         self._failures_reported = 0
+        # What the waiting incidents hold (FailureMaterial.held_bytes); only
+        # ever changed under _counts_lock.
+        self._failures_bytes = 0
 
     @property
     def journal_directory(self) -> Path:
@@ -249,6 +257,7 @@ class HistoryWriter:
             # The thread did not finish: these incidents were never built.
             self._count("failures_lost", len(self._failures))
             self._failures.clear()
+            self._failures_bytes = 0
         if lost:
             # Neither in the journal nor in the database: nothing keeps them.
             self._count("lost", lost)
@@ -302,10 +311,17 @@ class HistoryWriter:
             return
         self.enqueue_row(row)
         if failure is not None and not self._closed and failure_candidate(evaluation):
-            pending = self._failures
-            if len(pending) < MAX_PENDING_FAILURES:
-                pending.append((row, evaluation, decision, kept_material(failure)))
-            else:
+            material = kept_material(failure)
+            size = material.held_bytes
+            with self._counts_lock:
+                room = (
+                    len(self._failures) < MAX_PENDING_FAILURES
+                    and self._failures_bytes + size <= MAX_PENDING_FAILURE_BYTES
+                )
+                if room:
+                    self._failures_bytes += size
+                    self._failures.append((row, evaluation, decision, material))
+            if not room:
                 self._count("failures_lost")
 
     def enqueue_bounces(self, bounces: list[dict[str, Any]]) -> None:
@@ -429,6 +445,8 @@ class HistoryWriter:
         pending = self._failures
         while pending:
             row, evaluation, decision, material = pending.popleft()
+            with self._counts_lock:
+                self._failures_bytes -= material.held_bytes
             try:
                 entry = failure_entry(evaluation, decision, material)
                 if entry is not None:
@@ -506,10 +524,12 @@ class HistoryWriter:
         if failures_lost > self._failures_reported:
             log.error(
                 "history: %d failure incidents not recorded (%d in all since start): "
-                "more than %d waited for the writer thread, or they could not be built",
+                "more than %d (or %d MiB) waited for the writer thread, or they could "
+                "not be built",
                 failures_lost - self._failures_reported,
                 failures_lost,
                 MAX_PENDING_FAILURES,
+                MAX_PENDING_FAILURE_BYTES // (1024 * 1024),
             )
             self._failures_reported = failures_lost
             self._report_at = now + TROUBLE_LOG_INTERVAL
