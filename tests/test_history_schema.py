@@ -23,6 +23,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import String, Text, create_engine, func, inspect, select
+from sqlalchemy import insert as insert_into
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
@@ -31,7 +32,15 @@ from dmarcmilter.config import Config, DNSConfig, config_from_mapping
 from dmarcmilter.errors import ConfigError, SchemaError
 from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.history import db
-from dmarcmilter.history.models import Base, DKIMResultRow, MessageRow, OverrideReasonRow
+from dmarcmilter.history.models import (
+    Base,
+    DKIMResultRow,
+    FailureIncidentRow,
+    LateMessageRow,
+    MessageRow,
+    OverrideReasonRow,
+    ReportBounceRow,
+)
 from dmarcmilter.history.rows import message_from_row, message_row, new_idempotency_key
 from dmarcmilter.message import Message
 from dmarcmilter.policy import Decision, decide
@@ -473,17 +482,56 @@ def test_prune_deletes_old_messages_and_children(
             row = dict(template, idempotency_key=new_idempotency_key())
             row["arrived_at"] = (NOW - dt.timedelta(days=days)).isoformat()
             ids[(days, name)] = insert(migrated, row)
-    deleted = db.prune(migrated, dt.timedelta(days=30), now=NOW)
-    assert deleted == 8
     engine = db.make_engine(migrated)
     try:
+        # What else a message owns, and the bounces of report mail.
+        with engine.begin() as conn:
+            for (days, name), pk in ids.items():
+                at = NOW - dt.timedelta(days=days)
+                conn.execute(insert_into(LateMessageRow).values(message_pk=pk, claim=None))
+                if name == "fail":
+                    conn.execute(
+                        insert_into(FailureIncidentRow).values(
+                            message_pk=pk,
+                            arrived_at=at,
+                            policy_domain="example.com",
+                            reported_domain="example.com",
+                            source_ip="192.0.2.1",
+                            kinds="dmarc",
+                            ruf="mailto:ruf@example.com",
+                            sample="{}",
+                            status="pending",
+                        )
+                    )
+                    conn.execute(
+                        insert_into(ReportBounceRow).values(
+                            received_at=at,
+                            original_message_id=f"<r{days}.t@mx.example>",
+                            address="ruf@example.com",
+                            status="5.1.1",
+                            diagnostic="",
+                            reporting_mta="",
+                        )
+                    )
+        deleted = db.prune(migrated, dt.timedelta(days=30), now=NOW)
+        assert deleted == 8
+        kept = {ids[(d, n)] for d in (0, 1, 29) for n in ("pass", "fail")}
         with Session(engine) as session:
             left = set(session.scalars(select(MessageRow.id)))
-            assert left == {ids[(d, n)] for d in (0, 1, 29) for n in ("pass", "fail")}
+            assert left == kept
             dkim_owners = set(session.scalars(select(DKIMResultRow.message_id)))
             reason_owners = set(session.scalars(select(OverrideReasonRow.message_id)))
             assert dkim_owners == {ids[(d, "pass")] for d in (0, 1, 29)}
             assert reason_owners == {ids[(d, "fail")] for d in (0, 1, 29)}
+            assert set(session.scalars(select(LateMessageRow.message_pk))) == kept
+            assert set(session.scalars(select(FailureIncidentRow.message_pk))) == {
+                ids[(d, "fail")] for d in (0, 1, 29)
+            }
+            assert sorted(session.scalars(select(ReportBounceRow.original_message_id))) == [
+                "<r0.t@mx.example>",
+                "<r1.t@mx.example>",
+                "<r29.t@mx.example>",
+            ]
     finally:
         engine.dispose()
     assert db.prune(migrated, dt.timedelta(days=30), now=NOW) == 0

@@ -24,9 +24,12 @@ from ..config import parse_database_url
 from ..errors import DatabaseError, MissingDependencyError, SchemaError
 from .models import (
     DKIMResultRow,
+    FailureIncidentRow,
+    LateMessageRow,
     MessageRow,
     OverrideReasonRow,
     ReportAttemptRow,
+    ReportBounceRow,
     ReportDeliveryRow,
     ReportRow,
 )
@@ -182,7 +185,9 @@ def check_schema(url: str) -> None:
 
 def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
     """Delete messages that arrived more than ``older_than`` ago, with their
-    DKIM results and override reasons; return the number of messages."""
+    DKIM results, override reasons, late marks and failure incidents, and
+    the recorded bounces of report mail received before then; return the
+    number of messages."""
     # UTC, like the stored values: SQLite compares the text, offset dropped.
     cutoff = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC) - older_than
 
@@ -191,12 +196,22 @@ def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None)
         # are not enforced (an SQLite connection opened elsewhere).
         for child in (DKIMResultRow, OverrideReasonRow):
             conn.execute(delete(child).where(child.message_id.in_(ids)))
+        for owned in (LateMessageRow, FailureIncidentRow):
+            conn.execute(delete(owned).where(owned.message_pk.in_(ids)))
         conn.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
+
+    def delete_bounces(conn: Connection, ids: list[int]) -> None:
+        conn.execute(delete(ReportBounceRow).where(ReportBounceRow.id.in_(ids)))
 
     oldest = (
         select(MessageRow.id).where(MessageRow.arrived_at < cutoff).order_by(MessageRow.arrived_at)
     )
-    return _delete_in_batches(url, oldest, delete_messages)
+    deleted = _delete_in_batches(url, oldest, delete_messages)
+    # Anyone can send mail to the report address, so these rows would
+    # otherwise only grow; an unprocessed one that old counts for nothing.
+    bounces = select(ReportBounceRow.id).where(ReportBounceRow.received_at < cutoff)
+    _delete_in_batches(url, bounces.order_by(ReportBounceRow.id), delete_bounces)
+    return deleted
 
 
 def prune_reports(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
