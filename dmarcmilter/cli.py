@@ -363,9 +363,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     print(f"{db.shown(url)}: deleted {deleted} message(s) older than {args.older_than}")
     reports = db.prune_reports(url, age)
     if reports:
-        print(
-            f"{db.shown(url)}: deleted {reports} aggregate report(s) older than {args.older_than}"
-        )
+        print(f"{db.shown(url)}: deleted {reports} stored report(s) older than {args.older_than}")
     return EXIT_OK
 
 

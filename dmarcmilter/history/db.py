@@ -215,7 +215,7 @@ def prune(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None)
 
 
 def prune_reports(url: str, older_than: dt.timedelta, *, now: dt.datetime | None = None) -> int:
-    """Delete the stored aggregate reports whose period ended more than
+    """Delete the stored reports (aggregate and failure) whose period ended more than
     ``older_than`` ago, with their deliveries and attempts; return how many."""
     cutoff = int(((now or dt.datetime.now(dt.UTC)) - older_than).timestamp())
 
