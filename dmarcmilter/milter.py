@@ -615,13 +615,9 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                 # Not one of our report mails (other mail to the address
                 # bounced, or a guess): nothing to record.
                 return 0
-            if len(hard) > MAX_BOUNCES_PER_MESSAGE:
-                log.warning(
-                    "delivery status notification names %d hard bounces; the first %d are recorded",
-                    len(hard),
-                    MAX_BOUNCES_PER_MESSAGE,
-                )
-                hard = hard[:MAX_BOUNCES_PER_MESSAGE]
+            # The message's own log line shows how many were taken: past
+            # the bound the rest are ignored, with no line of their own.
+            hard = hard[:MAX_BOUNCES_PER_MESSAGE]
             now = dt.datetime.now(dt.UTC)
             writer.enqueue_bounces(
                 [
