@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from sqlalchemy.engine import Engine
 
 from dmarcmilter.history import db
 from dmarcmilter.history.models import Base
@@ -184,6 +185,14 @@ def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = f"sqlite:///{tmp_path / 'state' / 'history.sqlite3'}"
     db.upgrade(url)
     return url
+
+
+@pytest.fixture
+def engine(migrated: str) -> Iterator[Engine]:
+    """An engine on the ``migrated`` database, disposed of afterwards."""
+    engine = db.make_engine(migrated)
+    yield engine
+    engine.dispose()
 
 
 def _postfix_unavailable(exc: PostfixUnavailable) -> NoReturn:

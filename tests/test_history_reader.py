@@ -8,7 +8,7 @@ in conftest.py) and expects exactly the same records, in the same order.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -226,13 +226,6 @@ def store(engine: Engine, history: list[tuple[dt.datetime, dict[str, Any]]]) -> 
         row["record_key"] = record_key(row)
     with engine.begin() as conn:
         conn.execute(insert(MessageRow), rows)
-
-
-@pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

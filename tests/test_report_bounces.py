@@ -18,7 +18,6 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 
-from dmarcmilter.history import db
 from dmarcmilter.history.models import ReportBounceRow, ReportDeliveryRow, ReportRow
 from dmarcmilter.report import bounces, suppression
 from dmarcmilter.report.period import Period
@@ -48,13 +47,6 @@ def sink() -> Iterator[ReportSink]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture(autouse=True)

@@ -58,13 +58,6 @@ MAIL_FROM_LOCAL = "ceo.office"
 
 
 @pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def sink() -> Iterator[ReportSink]:
     server = ReportSink().start()
     yield server

@@ -166,13 +166,6 @@ def zone(dns_server: TestDNSServer) -> TestDNSServer:
     return dns_server
 
 
-@pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
-
-
 def make_config(url: str, sink: ReportSink | None = None, **report: Any) -> Config:
     settings: dict[str, Any] = {
         "org_name": "Receiver Example",

@@ -23,7 +23,6 @@ import pytest
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
-from dmarcmilter.history import db
 from dmarcmilter.history.models import (
     LateMessageRow,
     MessageRow,
@@ -75,13 +74,6 @@ def sink() -> Iterator[RecordingSink]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture(autouse=True)

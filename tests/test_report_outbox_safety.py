@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from dmarcmilter.history import db
 from dmarcmilter.history.models import ReportAttemptRow, ReportDeliveryRow
 from dmarcmilter.report import suppression
 from dmarcmilter.report.period import Period
@@ -62,13 +61,6 @@ def sink() -> Iterator[RefusingSink]:
     server.start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
 
 
 def reporting(*pairs: tuple[str, str]) -> list[tuple[int, dict[str, Any]]]:

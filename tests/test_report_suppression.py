@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,6 @@ from dmarcmilter.report.suppression import (
 NOW = dt.datetime(2026, 12, 5, 6, 0, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
 RULE = BounceRule(threshold=3, period=dt.timedelta(days=30))
-
-
-@pytest.fixture
-def engine(migrated: str) -> Iterator[Engine]:
-    engine = db.make_engine(migrated)
-    yield engine
-    engine.dispose()
 
 
 def test_add_list_remove(engine: Engine) -> None:
