@@ -177,11 +177,22 @@ WORDS_TEXT = (
 )
 
 
-def bench_zone() -> dict[str, list[tuple[str, object]]]:
+def bench_zone(failure_reports: bool = False) -> dict[str, list[tuple[str, object]]]:
     """bench/evaluate.py's zone; the HELO name's SPF covers the whole test /24,
-    as the mix uses one client address per kind."""
+    as the mix uses one client address per kind.  With ``failure_reports``
+    every DMARC record also asks for failure reports (``fo=1`` and a ruf),
+    so each failing or partly failing message makes the milter record one."""
     zone = build_zone()
     zone["mx.sender.example"] = [("A", "192.0.2.1"), ("TXT", "v=spf1 ip4:192.0.2.0/24 -all")]
+    if failure_reports:
+        for name, records in zone.items():
+            if name.startswith("_dmarc."):
+                zone[name] = [
+                    (kind, f"{value}; fo=1; ruf=mailto:ruf@{name.removeprefix('_dmarc.')}")
+                    if kind == "TXT"
+                    else (kind, value)
+                    for kind, value in records
+                ]
     return zone
 
 
@@ -656,12 +667,15 @@ class CStack:
             log.close()
 
 
-def start_dmarcmilter(directory: Path, socket_spec: str, source: Path = ROOT) -> MilterDaemon:
+def start_dmarcmilter(
+    directory: Path, socket_spec: str, source: Path = ROOT, failure_reports: bool = False
+) -> MilterDaemon:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
-    daemon = MilterDaemon(
-        directory, 53, {"milter": {"socket": socket_spec, "socket_mode": "0666"}}, source=source
-    )
+    config: dict[str, Any] = {"milter": {"socket": socket_spec, "socket_mode": "0666"}}
+    if failure_reports:
+        config["failure_reports"] = {"enabled": True}
+    daemon = MilterDaemon(directory, 53, config, source=source)
     daemon.start()
     if socket_spec.startswith("unix:"):
         allow_postfix(socket_spec.removeprefix("unix:"))
@@ -1101,7 +1115,7 @@ def run(args: argparse.Namespace) -> int:
     # Fork the load generator before this process starts any thread.
     load = LoadGenerator(mails, args.clients, args.processes)
     dns = BenchDNSServer().start_on(53)
-    dns.set_zone(bench_zone())
+    dns.set_zone(bench_zone(args.failure_reports))
     settings: dict[str, object] = {"default_process_limit": max(200, 8 * args.clients)}
     if not args.milter_before_xclient:
         # smtpd connects to its milters when a session starts, and again after
@@ -1127,11 +1141,15 @@ def run(args: argparse.Namespace) -> int:
         daemon_tcp = daemon_unix = None
         if "b" in keys or "b-noqa" in keys:
             spec = f"inet:{free_port()}@{HOST}"
-            daemon_tcp = start_dmarcmilter(workdir / "dmarcmilter-tcp", spec)
+            daemon_tcp = start_dmarcmilter(
+                workdir / "dmarcmilter-tcp", spec, failure_reports=args.failure_reports
+            )
             daemons.append(daemon_tcp)
         if "b-unix" in keys:
             spec = f"unix:{workdir / 'dmarcmilter-unix' / 'milter.sock'}"
-            daemon_unix = start_dmarcmilter(workdir / "dmarcmilter-unix", spec)
+            daemon_unix = start_dmarcmilter(
+                workdir / "dmarcmilter-unix", spec, failure_reports=args.failure_reports
+            )
             daemons.append(daemon_unix)
         daemon_base = None
         if "b-base" in keys:
@@ -1461,6 +1479,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=(
             "a source tree of an earlier dmarcmilter (e.g. `git worktree add --detach DIR REV`) "
             "for --configs b-base: both versions measured in one run"
+        ),
+    )
+    parser.add_argument(
+        "--failure-reports",
+        action="store_true",
+        help=(
+            "DMARC records ask for failure reports (fo=1, ruf) and dmarcmilter (not b-base) "
+            "records them: the cost of failure reports on the mail path"
         ),
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
