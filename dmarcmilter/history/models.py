@@ -251,7 +251,8 @@ class ReportDeliveryRow(Base):
     address: Mapped[str] = mapped_column(TEXT_TYPE)
     destination_domain: Mapped[str] = mapped_column(String(DOMAIN_LENGTH))
     # pending (to verify and send), sent, refused (not authorized: never
-    # sent), failed (permanent failure, or given up after retries).
+    # sent), failed (permanent failure, or given up after retries),
+    # suppressed (the destination is on the suppression list: never sent).
     status: Mapped[str] = mapped_column(String(SHORT))
     attempts: Mapped[int] = mapped_column(Integer)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
@@ -286,7 +287,8 @@ class ReportAttemptRow(Base):
         ID_TYPE, ForeignKey("report_deliveries.id", ondelete="CASCADE"), index=True
     )
     attempted_at: Mapped[dt.datetime] = mapped_column(TIMESTAMP_TYPE)
-    # sent, tempfail, permfail, deferred (DNS), refused (not authorized)
+    # sent, tempfail, permfail, deferred (DNS), refused (not authorized),
+    # suppressed (on the suppression list), bounced (a counted hard bounce)
     result: Mapped[str] = mapped_column(String(SHORT))
     detail: Mapped[str] = mapped_column(TEXT_TYPE)
     host: Mapped[str] = mapped_column(TEXT_TYPE)  # the host that tried
