@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -117,8 +118,10 @@ def material_for(case: Case, settings: FailureReportsConfig) -> Callable[[], Fai
         runtime=types.SimpleNamespace(config=types.SimpleNamespace(failure_reports=settings)),
         authserv_id="mx.receiver.example",
     )
-    txn = types.SimpleNamespace(body_cut=False)
     headers = list(message.headers)
+    # As the milter counts them while receiving (name, value and ": \r\n").
+    header_bytes = sum(len(n) + len(v) + 4 for n, v in headers)
+    txn = types.SimpleNamespace(body_cut=False, header_bytes=header_bytes)
 
     def material() -> FailureMaterial:
         return DMARCMilter._failure_material(milter, txn, headers, actions, message)  # type: ignore[arg-type]
@@ -138,11 +141,16 @@ def milter_side(
     # The added code alone, timed as wall time in a tight loop (no writer
     # thread running): the material, then what enqueue() adds for it.
     pending: collections.deque[Any] = collections.deque()
+    lock = threading.Lock()
+    held = [0]
 
     def added() -> None:
         failure = material()
         if failure_candidate(ev):
-            pending.append((ev, decision, kept_material(failure)))
+            kept = kept_material(failure)
+            with lock:  # as enqueue() bounds what waits, in count and bytes
+                held[0] += kept.held_bytes
+                pending.append((ev, decision, kept))
 
     timed(added, 200)
     isolated = timed(added, n)
