@@ -181,6 +181,18 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # host:port (or [v6]:port) of the HTTP listener serving /metrics
+    # (Prometheus) and /health; empty: no listener.  It has no
+    # authentication: keep it on loopback or a management network.
+    listen: str = ""
+    # Where `dmarcmilter report` writes its metrics (Prometheus text format)
+    # after each run, for node_exporter's textfile collector and for the
+    # daemon's /metrics; empty: report-metrics.prom in the state directory.
+    report_file: str = ""
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     # Empty: /var/lib/dmarcmilter when this process may write there, else
     # ./state, so a first unprivileged run works without configuration.
@@ -308,6 +320,7 @@ class Config:
     headers: HeadersConfig = field(default_factory=HeadersConfig)
     milter: MilterConfig = field(default_factory=MilterConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
