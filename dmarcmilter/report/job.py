@@ -37,7 +37,7 @@ import datetime as dt
 import functools
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
@@ -108,6 +108,8 @@ class RunStats(FailureStats, DeliveryStats, bounces.BounceStats):
     lease_holder: str | None = None  # another host running: this run did nothing
     failure_lease_holder: str | None = None  # the same, for the failure phase
     failure_disabled: bool = False  # failure_reports.enabled is false: phase skipped
+    # The report kinds whose lease this run took, and so whose work it did.
+    leases_held: list[str] = field(default_factory=list)
 
 
 Progress = Callable[[int, int, str], None]
@@ -175,6 +177,7 @@ class ReportJob:
                 self.stats.failure_lease_holder = holder
             log.info("report run skipped: %s holds the %s lease", holder, name)
             return
+        self.stats.leases_held.append(AGGREGATE if name == LEASE_NAME else FAILURE)
         try:
             # Settings the transport refuses stop the run before anything is
             # generated, rather than after.

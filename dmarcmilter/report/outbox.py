@@ -97,6 +97,21 @@ class DeliveryStats:
     rate_limited: int = 0
     suppressed: int = 0
     hard_bounces: int = 0  # recipients the relay refused for good
+    # The six results above per report kind (reports.kind), for the
+    # report metrics: kind -> field name -> count.
+    by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def results(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in DELIVERY_RESULTS)
+
+    def count_kind(self, kind: str, before: tuple[int, ...]) -> None:
+        counts = self.by_kind.setdefault(kind, dict.fromkeys(DELIVERY_RESULTS, 0))
+        for name, was, now in zip(DELIVERY_RESULTS, before, self.results(), strict=True):
+            counts[name] += now - was
+
+
+# The DeliveryStats fields that count what became of a due delivery, one each.
+DELIVERY_RESULTS = ("sent", "retry_later", "failed", "refused", "rate_limited", "suppressed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +293,7 @@ class Outbox:
         now = self.clock()
         with self.engine.connect() as conn:
             due = conn.execute(
-                select(deliveries.c.id, deliveries.c.address)
+                select(deliveries.c.id, deliveries.c.address, REPORTS.c.kind)
                 .join_from(deliveries, REPORTS, deliveries.c.report_pk == REPORTS.c.id)
                 .where(
                     deliveries.c.status == PENDING,
@@ -291,13 +306,17 @@ class Outbox:
         for start in range(0, len(due), SUPPRESSION_BATCH):
             batch = due[start : start + SUPPRESSION_BATCH]
             listed = suppression.suppressed_by(
-                self.engine, sorted({str(address) for _, address in batch}), now=self.clock()
+                self.engine, sorted({str(address) for _, address, _ in batch}), now=self.clock()
             )
-            for delivery_id, address in batch:
+            for delivery_id, address, kind in batch:
                 if renew is not None:
                     renew()
                 entry = self._suppressed.get(str(address).lower()) or listed.get(str(address))
-                self._deliver_one(delivery_id, limit, entry)
+                before = self.stats.results()
+                try:
+                    self._deliver_one(delivery_id, limit, entry)
+                finally:
+                    self.stats.count_kind(str(kind), before)
 
     def _deliver_one(
         self,
@@ -505,6 +524,7 @@ class Outbox:
 
 __all__ = [
     "AGGREGATE",
+    "DELIVERY_RESULTS",
     "FAILURE",
     "FIRST_RETRY_DELAY",
     "KINDS",
