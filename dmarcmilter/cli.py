@@ -16,20 +16,24 @@ import datetime as dt
 import json
 import re
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .authres.render import render
 from .config import Config, load_config, parse_database_url
 from .discovery import Discoverer, DiscoveryMethod, DiscoveryStatus, load_psl
 from .domains import DomainError, normalize_domain
-from .errors import DmarcMilterError, InputError
+from .errors import DatabaseError, DmarcMilterError, InputError
 from .evaluation import Envelope, evaluate, resolver_from_config
 from .export import evaluation_dict, query_log, record_dict
 from .message import Message
 from .policy import LocalContext, decide, recorded, skip_reason
 from .resolver import DNSSession, Resolver, parse_hostport
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -515,7 +519,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .history import db
     from .report.aggregate import ReportSettings
-    from .report.job import ReportJob, dry_run
+    from .report.job import ReportJob, RunStats, dry_run
+    from .report.run_metrics import RunOutcome, record_run, report_metrics_path
 
     config = load_config(args.config)
     if args.format:
@@ -534,10 +539,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     kinds = (args.kind,) if args.kind else ("aggregate", "failure")
     progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     url = config.database_url()
+    # A real run's metrics are written whatever its end (success, or its
+    # database or relay failing); the dry run writes none.
+    started = time.monotonic()
+    engine: Engine | None = None
+    job: ReportJob | None = None
+    success = False
+    database_down = False
     try:
-        db.check_schema(url)
-        engine = db.make_engine(url)
         try:
+            db.check_schema(url)
+            engine = db.make_engine(url)
             if args.dry_run:
                 stats = dry_run(
                     config,
@@ -549,9 +561,27 @@ def cmd_report(args: argparse.Namespace) -> int:
                     kinds=kinds,
                 )
             else:
-                stats = ReportJob(config, engine, progress=progress).run(period, domain, kinds)
+                job = ReportJob(config, engine, progress=progress)
+                stats = job.run(period, domain, kinds)
+                success = True
+        except DatabaseError:
+            database_down = True
+            raise
         finally:
-            engine.dispose()
+            if not args.dry_run:
+                record_run(
+                    report_metrics_path(config),
+                    RunOutcome(
+                        kinds=kinds,
+                        stats=job.stats if job is not None else RunStats(),
+                        success=success,
+                        finished=dt.datetime.now(dt.UTC),
+                        duration=time.monotonic() - started,
+                    ),
+                    None if database_down else engine,
+                )
+            if engine is not None:
+                engine.dispose()
     except InputError:
         raise
     except DmarcMilterError as exc:
