@@ -384,6 +384,9 @@ def _write(path: Path, families: Collector) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         with os.fdopen(fd, "wb") as fh:
+            # Readable by node_exporter whatever the umask (the units set
+            # 0027): it holds counts and times, no domain or address.
+            os.fchmod(fh.fileno(), 0o644)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
