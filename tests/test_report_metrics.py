@@ -371,6 +371,7 @@ GOOD = (
         (GOOD.replace(" 7", " NaN"), "1 value(s) negative or not finite"),
         ("fifo", "not a regular file"),
     ],
+    ids=["garbage", "oversize", "not-utf8", "negative", "nan", "fifo"],
 )
 def test_an_unusable_previous_file_starts_from_zero(
     migrated: str,
