@@ -48,7 +48,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, and_, case, cast, func, literal, or_, select
+from sqlalchemy import (
+    String,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    type_coerce,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -275,6 +286,12 @@ def _flag(condition: ColumnElement[bool]) -> ColumnElement[int]:
     return case((condition, 1), else_=0)
 
 
+def _reason_flag(condition: ColumnElement[bool]) -> ColumnElement[int]:
+    """A flag read from reasons_summary, tested only for a row that has a
+    reason: most rows have none, and CASE stops at the cheap comparison."""
+    return case((MessageRow.reasons_summary == "[]", 0), (condition, 1), else_=0)
+
+
 def _bucket(engine: Engine, hourly: bool) -> ColumnElement[str]:
     """arrived_at cut to the hour or day, as text, in UTC, per dialect."""
     col = MessageRow.arrived_at
@@ -323,21 +340,51 @@ def _fact_groups(
                 MessageRow.header_from_domain.in_(listed_names),
             )
         ).label("listed"),
-        _flag(_has_reason("mailing_list")).label("ml"),
-        _flag(_has_reason("trusted_forwarder")).label("tf"),
+        _reason_flag(_has_reason("mailing_list")).label("ml"),
+        _reason_flag(_has_reason("trusted_forwarder")).label("tf"),
         _flag(
             and_(MessageRow.dmarc_result == "permerror", MessageRow.policy_domain.is_(None))
         ).label("oos"),
-        _flag(MessageRow.reasons_summary.contains(INCOMPLETE_COMMENT, autoescape=True)).label(
-            "incomplete"
-        ),
-        _flag(_has_reason("local_policy", MONITOR_COMMENT)).label("monitored"),
+        _reason_flag(
+            MessageRow.reasons_summary.contains(INCOMPLETE_COMMENT, autoescape=True)
+        ).label("incomplete"),
+        _reason_flag(_has_reason("local_policy", MONITOR_COMMENT)).label("monitored"),
     )
-    where = [*arrival_window(window.since, window.until)]
     if only:
-        where.append(MessageRow.policy_domain.in_(domains))
+        where = [*arrival_window(window.since, window.until), MessageRow.policy_domain.in_(domains)]
+    elif engine.dialect.name == "sqlite" and _mostly(engine, window):
+        where = _unindexed_window(window)
+    else:
+        where = [*arrival_window(window.since, window.until)]
     query = select(*columns, func.count().label("n")).where(*where).group_by(*columns)
     yield from _stream(engine, query)
+
+
+def _mostly(engine: Engine, window: Window) -> bool:
+    """Whether the window holds more than a tenth of the table's rows.
+
+    SQLite's planner takes the arrived_at index for any range, and reading
+    rows through it is random access: measured on a million rows all in
+    the window, 13.7 s against 1.9 s for the whole table read in order.
+    The window's count is read from the index alone and the table's size
+    from the rowid range, both cheap."""
+    with engine.connect() as conn:
+        inside = conn.execute(
+            select(func.count()).where(*arrival_window(window.since, window.until))
+        ).scalar_one()
+        low, high = conn.execute(select(func.min(MessageRow.id), func.max(MessageRow.id))).one()
+    if not inside or low is None:
+        return False
+    return int(inside) * 10 > int(high) - int(low) + 1
+
+
+def _unindexed_window(window: Window) -> list[ColumnElement[bool]]:
+    """The window's conditions on ``+arrived_at``: SQLite's unary plus keeps
+    the planner from using the index for them (the whole table is read in
+    order); the column's type still formats the bound times."""
+    arrival_window(window.since, window.until)  # the same checks
+    arrived = type_coerce(literal_column("+messages.arrived_at"), MessageRow.arrived_at.type)
+    return [arrived >= window.since.astimezone(dt.UTC), arrived < window.until.astimezone(dt.UTC)]
 
 
 def _stream(engine: Engine, query: Any) -> Iterator[tuple[Any, ...]]:

@@ -556,3 +556,19 @@ def test_html_renders_in_chromium(migrated: str, engine: Engine, tmp_path: Path)
     assert seen.count("script") == 0
     assert shot.stat().st_size > 5000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_narrow_window_counts_only_its_rows(engine: Engine) -> None:
+    """Five rows of 58 arrived the hour before: on SQLite a window that
+    narrow is read through the arrived_at index, a wide one is not; the
+    counts are those of the window either way."""
+    store(engine)
+    before = impact.Window(SINCE - dt.timedelta(hours=1), SINCE)
+    view = impact.compute(engine, RECORDED, before).as_dict()
+    assert view["total"]["messages"] == 5
+    (bank,) = view["domains"]
+    assert bank["settings"]["enforce_reject"] == changed(5, quarantine_to_reject=5)
+    assert bank["failing_sources"] == [{**EXPECTED_BANK["failing_sources"][0], "messages": 5}]
+    assert view["timeline"] == [{"bucket": "2026-04-30 23", "fail": 5}]
+    whole = impact.compute(engine, RECORDED, impact.Window(SINCE, UNTIL)).as_dict()
+    assert whole["domains"][0] == EXPECTED_BANK
