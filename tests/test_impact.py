@@ -572,3 +572,24 @@ def test_a_narrow_window_counts_only_its_rows(engine: Engine) -> None:
     assert view["timeline"] == [{"bucket": "2026-04-30 23", "fail": 5}]
     whole = impact.compute(engine, RECORDED, impact.Window(SINCE, UNTIL)).as_dict()
     assert whole["domains"][0] == EXPECTED_BANK
+
+
+def test_the_table_shows_no_control_characters() -> None:
+    """A HELO name is the client's choice: an escape sequence in it must not
+    reach the operator's terminal."""
+    summary = impact.Summary("bank.example", messages=1)
+    summary.sources.append(
+        {
+            "client_ip": "192.0.2.1",
+            "helo": "evil\x1b]0;owned\x07\x1b[2J\r\nfake line",
+            "envelope_from_domain": "x\x9bexample",
+            "messages": 1,
+            "class": "other",
+        }
+    )
+    view = impact.Impact(
+        impact.Window(SINCE, UNTIL), impact.Settings(), False, impact.Summary(None), [summary], []
+    )
+    text = "\n".join(impact.to_table(view))
+    assert "evil?]0;owned??[2J??fake line  x?example" in text
+    assert not any(c in text for c in "\x1b\x07\r\x9b")
