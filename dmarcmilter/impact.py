@@ -211,6 +211,7 @@ class Summary:
     domain: str | None
     messages: int = 0
     results: dict[str, int] = field(default_factory=dict)
+    policies: dict[str, int] = field(default_factory=dict)
     dispositions: dict[str, int] = field(default_factory=dict)
     monitored: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -221,6 +222,7 @@ class Summary:
     def add(self, facts: Facts, disposition: str, monitored: bool, n: int, s: Settings) -> None:
         self.messages += n
         _bump(self.results, facts.result, n)
+        _bump(self.policies, facts.policy or "no_policy", n)
         _bump(self.dispositions, disposition, n)
         if monitored:
             self.monitored += n
@@ -242,6 +244,7 @@ class Summary:
             "domain": self.domain,
             "messages": self.messages,
             "results": dict(sorted(self.results.items())),
+            "policies": dict(sorted(self.policies.items())),
             "dispositions": dict(sorted(self.dispositions.items())),
             "monitored": self.monitored,
             "reasons": dict(sorted(self.reasons.items())),
@@ -621,6 +624,7 @@ def to_table(impact: Impact) -> Iterable[str]:
         yield f"== {_printable(summary.domain) if summary.domain else 'all domains'} =="
         yield f"  messages      {summary.messages}"
         yield "  results       " + _counts(d["results"])
+        yield "  policy        " + _counts(d["policies"])
         yield "  recorded      " + _counts(d["dispositions"]) + f"; monitored {summary.monitored}"
         yield "  reasons       " + (_counts(d["reasons"]) or "-")
         yield "  applied       " + _counts(d["applied"])
@@ -776,6 +780,7 @@ def to_html(impact: Impact) -> str:
                 [
                     ("messages", summary["messages"]),
                     ("results", _counts(summary["results"])),
+                    ("policy evaluated", _counts(summary["policies"])),
                     ("recorded dispositions", _counts(summary["dispositions"])),
                     ("monitored", summary["monitored"]),
                     ("override reasons", _counts(summary["reasons"]) or "-"),

@@ -216,6 +216,8 @@ EXPECTED_BANK = {
     "domain": "bank.example",
     "messages": 35,
     "results": {"fail": 19, "pass": 10, "temperror": 6},
+    # policy_evaluated: the failed discovery has none.
+    "policies": {"no_policy": 1, "reject": 34},
     "dispositions": {"none": 23, "pass": 10, "quarantine": 2},
     "monitored": 14,
     "reasons": {"mailing_list": 4, "out_of_scope": 1, "trusted_forwarder": 3},
@@ -389,6 +391,7 @@ def test_table_shows_the_counts(migrated: str, engine: Engine, tmp_path: Path) -
     lines = [line.split() for line in bank.splitlines()]
     assert ["messages", "35"] in lines
     assert "  applied       accept 19, quarantine 16" in bank
+    assert "  policy        no_policy 1, reject 34" in bank
     enforce = next(line for line in bank.splitlines() if "enforce_reject = true" in line)
     assert enforce.split()[-3:] == ["12", "quarantine->reject", "12"]
     assert '  temperror_action = "tempfail"' in bank
