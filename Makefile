@@ -15,7 +15,7 @@ APT_PACKAGES := python3-venv python3-dev libmilter-dev gcc
 # image, Sendmail), podman-compose the sidecar example, whose service names
 # resolve through aardvark-dns on a netavark network.
 TEST_APT_PACKAGES := postgresql mariadb-server postfix systemd podman runc debootstrap \
-	podman-compose netavark aardvark-dns iptables
+	podman-compose netavark aardvark-dns iptables chromium
 # Optional, for the milter benchmark only (bench/milter_throughput.py compares
 # dmarcmilter with Debian's opendkim + opendmarc): not test dependencies.  The
 # system services are not started (policy-rc.d); the benchmark runs private

@@ -133,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db_common(prune)
 
+    impact = sub.add_parser(
+        "impact", help="what stricter policy settings would have done, from the history"
+    )
+    db_common(impact)
+    impact.add_argument("--since", metavar="TIME", help="window start (ISO 8601, UTC if no offset)")
+    impact.add_argument("--until", metavar="TIME", help="window end (default: now)")
+    impact.add_argument("--days", type=int, metavar="N", help="window: the last N days (default 7)")
+    impact.add_argument("--top", type=int, metavar="N", help="domains shown by volume (default 20)")
+    impact.add_argument("--domain", metavar="DOMAIN", help="show this policy domain only")
+    impact.add_argument(
+        "--sources", type=int, metavar="N", help="failing sources per domain (default 10)"
+    )
+    output = impact.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object")
+    output.add_argument("--html", metavar="FILE", help="write a self-contained HTML page")
+
     suppress = sub.add_parser(
         "suppress", help="manage the suppression list: destinations that get no reports"
     )
@@ -368,6 +384,68 @@ def cmd_db(args: argparse.Namespace) -> int:
     reports = db.prune_reports(url, age)
     if reports:
         print(f"{db.shown(url)}: deleted {reports} stored report(s) older than {args.older_than}")
+    return EXIT_OK
+
+
+def cmd_impact(args: argparse.Namespace) -> int:
+    from . import impact
+    from .history import db
+
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    if args.days is not None and (args.since or args.until):
+        raise InputError("--days cannot be combined with --since or --until")
+    if args.until and not args.since:
+        raise InputError("--until needs --since")
+    if args.since:
+        since = _report_time(args.since, "--since")
+        until = _report_time(args.until, "--until") if args.until else now
+        if until <= since:
+            raise InputError(f"--until {until.isoformat()} is not after --since")
+    else:
+        days = impact.DEFAULT_DAYS if args.days is None else args.days
+        if not 1 <= days <= 3660:
+            raise InputError(f"--days: expected 1 to 3660, got {days}")
+        since, until = now - dt.timedelta(days=days), now
+    top = impact.DEFAULT_TOP if args.top is None else args.top
+    if not 1 <= top <= impact.MAX_TOP:
+        raise InputError(f"--top: expected 1 to {impact.MAX_TOP}, got {top}")
+    sources = impact.DEFAULT_SOURCES if args.sources is None else args.sources
+    if not 0 <= sources <= impact.MAX_SOURCES:
+        raise InputError(f"--sources: expected 0 to {impact.MAX_SOURCES}, got {sources}")
+    domain = None
+    if args.domain is not None:
+        try:
+            domain = normalize_domain(args.domain)
+        except DomainError as exc:
+            raise InputError(f"--domain: {exc}") from None
+    url = _database_url(args)
+    policy = load_config(args.config).policy
+    db.check_schema(url)
+    engine = db.make_engine(url)
+    try:
+        view = impact.compute(
+            engine,
+            policy,
+            impact.Window(since, until),
+            top=top,
+            domain=domain,
+            sources=sources,
+        )
+    finally:
+        engine.dispose()
+    if args.html:
+        page = impact.to_html(view)
+        try:
+            with open(args.html, "w", encoding="utf-8") as out:
+                out.write(page)
+        except OSError as exc:
+            raise InputError(f"--html: cannot write {args.html}: {exc.strerror}") from None
+        return EXIT_OK
+    if args.json:
+        print(impact.to_json(view))
+        return EXIT_OK
+    for line in impact.to_table(view):
+        print(line)
     return EXIT_OK
 
 
@@ -645,6 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "report": cmd_report,
         "suppress": cmd_suppress,
+        "impact": cmd_impact,
     }
     try:
         return handlers[args.command](args)
