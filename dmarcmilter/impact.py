@@ -17,11 +17,11 @@ What a stored row tells of the facts :func:`dmarcmilter.policy.decide` used
 
 * ``dmarc_result`` and ``policy_evaluated`` (the policy after ``t=y``
   lowered it) are stored as evaluated.
-* List mail (List-Id / List-Post) is visible only through the override
-  reason ``mailing_list``, which the policy step adds only to a p=reject
-  failure not vouched for by a trusted sealer and while
-  ``mailing_list_downgrade`` is on.  List mail under p=quarantine, or
-  recorded with the downgrade off, cannot be told from other mail.
+* List mail (List-Id / List-Post) is the ``mailing_list`` column, kept
+  for every message since schema 0005.  Rows written before it read as not
+  list mail, so for them the override reason ``mailing_list`` counts too
+  (the policy step adds it only to a p=reject failure not vouched for by a
+  trusted sealer, while ``mailing_list_downgrade`` is on).
 * A trusted ARC sealer's vouch is visible through the reason
   ``trusted_forwarder`` (only for a sealer trusted when the row was written);
   ``arc_result`` says whether the chain validated at all.
@@ -147,7 +147,7 @@ class Facts:
     result: str
     policy: str | None  # policy_evaluated
     listed: bool = False  # author or policy domain in enforce_reject_domains
-    mailing_list: bool = False  # override reason mailing_list
+    mailing_list: bool = False  # List-Id/List-Post (or, for older rows, the reason)
     trusted_forwarder: bool = False  # override reason trusted_forwarder
     out_of_scope: bool = False  # permerror without a policy domain
     incomplete: bool = False  # malformed From, not every domain evaluated
@@ -350,7 +350,9 @@ def _fact_groups(
         MessageRow.dmarc_result,
         MessageRow.policy_evaluated,
         MessageRow.disposition,
-        _reason_flag(_has_reason("mailing_list")).label("ml"),
+        case((MessageRow.mailing_list, 1), else_=_reason_flag(_has_reason("mailing_list"))).label(
+            "ml"
+        ),
         _reason_flag(_has_reason("trusted_forwarder")).label("tf"),
         _flag(
             and_(MessageRow.dmarc_result == "permerror", MessageRow.policy_domain.is_(None))
@@ -419,7 +421,7 @@ def _failing_sources(
     engine: Engine, window: Window, domains: list[str], limit: int
 ) -> Iterator[tuple[Any, ...]]:
     """The top ``limit`` failing sources of each domain, ranked in SQL."""
-    mailing = _has_reason("mailing_list")
+    mailing = or_(MessageRow.mailing_list, _has_reason("mailing_list"))
     arc = or_(_has_reason("trusted_forwarder"), MessageRow.arc_result == "pass")
     # [impl choice] The forwarder pattern: SPF passes for an envelope-from
     # domain other than the author's (a forwarder that rewrote the

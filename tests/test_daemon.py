@@ -536,7 +536,7 @@ def test_a_database_behind_the_schema_stops_start_up(tmp_path: Path) -> None:
     )
     proc = run_command("run", "--config", str(path), cwd=tmp_path)
     assert proc.returncode == 2
-    assert "history database schema is at 0000, this dmarcmilter needs 0004" in proc.stderr
+    assert "history database schema is at 0000, this dmarcmilter needs 0005" in proc.stderr
     assert "run `dmarcmilter db upgrade`" in proc.stderr
 
 

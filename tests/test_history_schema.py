@@ -22,7 +22,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import String, Text, create_engine, func, inspect, select
+from sqlalchemy import MetaData, String, Table, Text, create_engine, func, inspect, select
 from sqlalchemy import insert as insert_into
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DataError, IntegrityError
@@ -32,6 +32,7 @@ from dmarcmilter.config import Config, DNSConfig, config_from_mapping
 from dmarcmilter.errors import ConfigError, SchemaError
 from dmarcmilter.evaluation import Envelope, Evaluation, evaluate
 from dmarcmilter.history import db
+from dmarcmilter.history.bulk import insert_rows
 from dmarcmilter.history.models import (
     Base,
     DKIMResultRow,
@@ -41,7 +42,13 @@ from dmarcmilter.history.models import (
     OverrideReasonRow,
     ReportBounceRow,
 )
-from dmarcmilter.history.rows import message_from_row, message_row, new_idempotency_key
+from dmarcmilter.history.rows import (
+    LATER_COLUMNS,
+    message_columns,
+    message_from_row,
+    message_row,
+    new_idempotency_key,
+)
 from dmarcmilter.message import Message
 from dmarcmilter.policy import Decision, decide
 from dmarcmilter.resolver import Resolver
@@ -92,7 +99,7 @@ def schema_diffs(url: str) -> list[Any]:
 def test_migrations_from_empty_sqlite_match_models(url: str) -> None:
     db.upgrade(url)
     assert schema_diffs(url) == []
-    assert db.schema_status(url) == ("0004", "0004")
+    assert db.schema_status(url) == ("0005", "0005")
     db.check_schema(url)
 
 
@@ -118,7 +125,7 @@ def test_sqlite_connections_are_set_up(url: str) -> None:
 
 def test_upgrade_is_idempotent(migrated: str) -> None:
     db.upgrade(migrated)
-    assert db.schema_status(migrated) == ("0004", "0004")
+    assert db.schema_status(migrated) == ("0005", "0005")
 
 
 def test_indexes_and_cascades(migrated: str) -> None:
@@ -144,7 +151,7 @@ def test_indexes_and_cascades(migrated: str) -> None:
 
 def test_downgrade_to_empty_and_back(migrated: str) -> None:
     command.downgrade(db.alembic_config(migrated), "base")
-    assert db.schema_status(migrated) == (None, "0004")
+    assert db.schema_status(migrated) == (None, "0005")
     db.upgrade(migrated)
     assert schema_diffs(migrated) == []
 
@@ -167,16 +174,27 @@ def test_suppressions_table(migrated: str) -> None:
 
 def test_upgrade_from_0002_adds_suppressions_and_keeps_rows(migrated: str) -> None:
     command.downgrade(db.alembic_config(migrated), "0002")
-    assert db.schema_status(migrated) == ("0002", "0004")
+    assert db.schema_status(migrated) == ("0002", "0005")
     engine = db.make_engine(migrated)
     try:
         assert "suppressions" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()
-    message_id = insert(migrated, make_row("Q2"))
+    # A row as a 0002 database holds it: without the columns added since.
+    columns = message_columns(make_row("Q2"))
+    for later in LATER_COLUMNS:
+        del columns[later]
+    engine = db.make_engine(migrated)
+    try:
+        with engine.begin() as conn:
+            old = Table("messages", MetaData(), autoload_with=conn)
+            message_id = conn.execute(old.insert().values(columns)).inserted_primary_key[0]
+    finally:
+        engine.dispose()
     db.upgrade(migrated)
     assert schema_diffs(migrated) == []
-    assert stored(migrated, message_id)["queue_id"] == "Q2"
+    row = stored(migrated, message_id)
+    assert (row["queue_id"], row["mailing_list"]) == ("Q2", False)
 
 
 @pytest.mark.parametrize("database", ["pg_db", "mysql_db"], ids=["postgresql", "mysql"])
@@ -282,7 +300,7 @@ def test_check_schema_on_empty_database(url: str, tmp_path: Path) -> None:
     with pytest.raises(SchemaError) as info:
         db.check_schema(url)
     assert str(info.value) == (
-        "database schema is at nothing (empty database), this dmarcmilter needs 0004: "
+        "database schema is at nothing (empty database), this dmarcmilter needs 0005: "
         "run `dmarcmilter db upgrade`"
     )
     # Asking did not create the file.
@@ -300,7 +318,7 @@ def test_check_schema_on_unknown_revision(migrated: str) -> None:
         engine.dispose()
     with pytest.raises(
         SchemaError,
-        match=r"^database schema is at 0000, this dmarcmilter needs 0004: "
+        match=r"^database schema is at 0000, this dmarcmilter needs 0005: "
         r"run `dmarcmilter db upgrade`$",
     ):
         db.check_schema(migrated)
@@ -599,12 +617,12 @@ def test_cli_upgrade_status_prune(tmp_path: Path) -> None:
     assert "Schema revision: - (empty database)" in proc.stdout
     proc = cli("upgrade", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"{url}: schema upgraded from empty to 0004\n"
+    assert proc.stdout == f"{url}: schema upgraded from empty to 0005\n"
     proc = cli("upgrade", "--url", url)
-    assert proc.stdout == f"{url}: schema already at 0004\n"
+    assert proc.stdout == f"{url}: schema already at 0005\n"
     proc = cli("status", "--url", url)
     assert proc.returncode == 0, proc.stderr
-    assert "Schema revision: 0004" in proc.stdout
+    assert "Schema revision: 0005" in proc.stdout
     for age in ("30d", "12h", "8w"):
         proc = cli("prune", "--older-than", age, "--url", url)
         assert proc.returncode == 0, proc.stderr
@@ -678,3 +696,37 @@ def test_arrival_time_is_stored_in_utc(
     assert stored(migrated, insert(migrated, row))["arrived_at"] == (
         "2026-05-01T12:00:00.999999+00:00"
     )
+
+
+def test_list_mail_is_recorded_and_older_lines_read_as_not_list_mail(
+    zone: TestDNSServer, resolver: Resolver, migrated: str
+) -> None:
+    listed = make_message(from_="alice@example.com", extra_headers=[("List-Id", "<l.example>")])
+    plain = make_message(from_="alice@example.com")
+    list_row = message_row(*run(resolver, zone, listed))
+    plain_row = message_row(*run(resolver, zone, plain))
+    assert (list_row["mailing_list"], plain_row["mailing_list"]) == (True, False)
+    # A line journaled before the column existed.
+    older = dict(plain_row, idempotency_key=new_idempotency_key())
+    del older["mailing_list"]
+    ids = [insert(migrated, row) for row in (list_row, plain_row, older)]
+    assert [stored(migrated, i)["mailing_list"] for i in ids] == [True, False, False]
+    # The writer's multi-row INSERT path too.
+    engine = db.make_engine(migrated)
+    try:
+        with engine.begin() as conn:
+            again = [dict(r, idempotency_key=new_idempotency_key()) for r in (list_row, older)]
+            count, refused = insert_rows(conn, again, skip_existing=True)
+        assert (count, refused) == (2, [])
+        with engine.connect() as conn:
+            keys = [r["idempotency_key"] for r in again]
+            flags = dict(
+                conn.execute(
+                    select(MessageRow.idempotency_key, MessageRow.mailing_list).where(
+                        MessageRow.idempotency_key.in_(keys)
+                    )
+                ).all()
+            )
+        assert [flags[k] for k in keys] == [True, False]
+    finally:
+        engine.dispose()

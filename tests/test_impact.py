@@ -97,6 +97,7 @@ def row_of(ev: Any, config: PolicyConfig, at: dt.datetime, **columns: Any) -> di
         "dmarc_result": ev.dmarc.result.value,
         "policy_evaluated": ev.dmarc.policy.value if ev.dmarc.policy else None,
         "disposition": decision.disposition.value,
+        "mailing_list": ev.mailing_list,
         "reasons_summary": json.dumps(reasons, separators=(",", ":"), ensure_ascii=False)
         if reasons
         else "[]",
@@ -377,6 +378,32 @@ def test_enforcing_config_makes_the_list_downgrade_matter(
         # The malformed From is rejected already.
         "out_of_scope_reject": NOTHING,
     }
+
+
+def test_list_mail_is_known_without_its_override_reason(engine: Engine) -> None:
+    """Since schema 0005 a row says whether it was list mail, whatever the
+    policy step did with it: list mail under p=quarantine (no downgrade, no
+    reason) is classified as such, and list mail a trusted sealer vouched
+    for would be downgraded, not rejected, without the sealer."""
+    vouched_list = evaluation("fail", "reject", mailing_list=True, vouch=SEALER)
+    vouched = evaluation("fail", "reject", vouch=SEALER)
+    quarantined_list = evaluation("fail", "quarantine", domain="shop.example", mailing_list=True)
+    rows = [
+        *(row_of(vouched_list, RECORDED, NOON, **ARC) for _ in range(2)),
+        row_of(vouched, RECORDED, NOON, **ARC),
+        *(row_of(quarantined_list, RECORDED, NOON, **LIST) for _ in range(3)),
+    ]
+    assert [r["reasons_summary"].count("mailing_list") for r in rows] == [0] * 6
+    with engine.begin() as conn:
+        conn.execute(insert(MessageRow), rows)
+    enforcing = PolicyConfig(enforce_reject=True, trusted_arc_sealers=(SEALER,))
+    view = impact.compute(engine, enforcing, impact.Window(SINCE, UNTIL)).as_dict()
+    bank = next(d for d in view["domains"] if d["domain"] == "bank.example")
+    assert bank["settings"]["no_trusted_forwarder"] == changed(
+        3, accept_to_quarantine=2, accept_to_reject=1
+    )
+    shop = next(d for d in view["domains"] if d["domain"] == "shop.example")
+    assert [s["class"] for s in shop["failing_sources"]] == ["mailing_list"]
 
 
 def test_table_shows_the_counts(migrated: str, engine: Engine, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ NEEDED = [
     "dmarcmilter/history/migrations/versions/0002_reports.py",
     "dmarcmilter/history/migrations/versions/0003_suppressions.py",
     "dmarcmilter/history/migrations/versions/0004_failure_reports.py",
+    "dmarcmilter/history/migrations/versions/0005_mailing_list.py",
 ]
 # An interpreter in which the drivers cannot be imported, as on an install
 # without the extras: the import system reports them missing, exactly as it

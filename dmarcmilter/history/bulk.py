@@ -37,6 +37,7 @@ from .models import (
 from .rows import (
     BOUNCES,
     FAILURE_OF,
+    LATER_COLUMNS,
     bounce_values,
     failure_incident_values,
     is_late,
@@ -281,6 +282,8 @@ class _Statement:
     def __init__(self, table: Table, dialect: Dialect) -> None:
         self.table = table
         self.names = tuple(c.name for c in table.columns if c.name != "id")
+        # Defaults for columns that older journal lines lack.
+        self.later = LATER_COLUMNS if table is MESSAGES else {}
         prep = dialect.identifier_preparer
         self.head = (
             f"INSERT INTO {prep.format_table(table)} "
@@ -314,7 +317,15 @@ class _Statement:
     def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
         """One row's parameters; KeyError, TypeError or ValueError when the
         row lacks a column or holds an unusable value."""
-        values = [row[n] for n in self.names]
+        try:
+            values = [row[n] for n in self.names]
+        except KeyError:
+            later = self.later
+            if not later:
+                raise
+            # A line journaled before a column existed (rare: only after an
+            # upgrade), so the fast path above is tried first.
+            values = [row[n] if n in row or n not in later else later[n] for n in self.names]
         for i, proc in self.processors:
             values[i] = proc(values[i])
         return tuple(values)

@@ -28,6 +28,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -129,6 +130,10 @@ class MessageRow(Base):
     spf_scope: Mapped[str] = mapped_column(String(SHORT))
     spf_result: Mapped[str] = mapped_column(String(SHORT))
     arc_result: Mapped[str] = mapped_column(String(SHORT))
+    # List-Id or List-Post present (RFC 2919, RFC 2369): what the policy
+    # step's mailing-list downgrade looks at, kept for every message so the
+    # impact view can tell list mail apart whatever the settings were.
+    mailing_list: Mapped[bool] = mapped_column(Boolean, server_default=false())
     dkim_summary: Mapped[str] = mapped_column(TEXT_TYPE)
     reasons_summary: Mapped[str] = mapped_column(TEXT_TYPE)
     # A digest of every column that makes an RFC 9990 record (rows.py,

@@ -52,6 +52,10 @@ TRUNCATED = " [truncated]"
 # The keys of a row dict that are columns of ``messages``; the rest
 # (dkim_results, override_reasons) are its child rows.
 MESSAGE_COLUMNS = tuple(c.name for c in MessageRow.__table__.columns if c.name != "id")
+# Columns added after rows were first journaled, with the value a line
+# written before them stands for: a journal left by an earlier version
+# replays whole.
+LATER_COLUMNS: dict[str, Any] = {"mailing_list": False}
 
 
 def new_idempotency_key() -> str:
@@ -112,6 +116,7 @@ def message_row(
         "spf_scope": spf.scope.value,
         "spf_result": spf.result.value,
         "arc_result": evaluation.arc.result.value,
+        "mailing_list": evaluation.mailing_list,
         "dkim_summary": _summary([[d["domain"], d["selector"], d["result"]] for d in dkim]),
         "reasons_summary": _summary([[r["type"], r["comment"]] for r in reasons]),
         "dkim_results": dkim,
@@ -251,7 +256,7 @@ def message_columns(row: dict[str, Any]) -> dict[str, Any]:
     Raises KeyError, TypeError or ValueError for a dict that is not a row
     (a damaged journal line), so the writer can set it aside.
     """
-    columns = {k: row[k] for k in MESSAGE_COLUMNS}
+    columns = {k: row[k] if k in row else LATER_COLUMNS[k] for k in MESSAGE_COLUMNS}
     columns["arrived_at"] = utc_timestamp(columns["arrived_at"])
     return columns
 
