@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -492,8 +493,6 @@ def test_dashboard_queries_only_metrics_a_scrape_has(start: Start) -> None:
 
 
 def _identifiers(expr: str) -> list[str]:
-    import re
-
     return re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)
 
 
