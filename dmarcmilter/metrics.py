@@ -4,9 +4,9 @@ One registry of our own (not prometheus_client's global one), every metric
 family, and a small HTTP listener serving ``GET /metrics`` (the Prometheus
 text format) and ``GET /health`` (JSON, for an orchestrator).
 
-Cost on the mail path.  The milter calls the sink once per message, after it
-has answered nothing yet but decided everything, with the facts it already
-logs (the evaluation, the decision, the DNS session's query log); the label
+Cost on the mail path.  The milter calls the sink once per message, at the
+end of end-of-message, with the facts its log line already holds (the
+evaluation, the decision, the message's DNS query log); the label
 children are looked up once, at start, so a message costs a few counter
 increments and histogram observations, each under prometheus_client's own
 small lock.  With no listener configured the sink is :data:`NO_METRICS`,

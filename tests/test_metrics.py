@@ -209,6 +209,22 @@ def test_a_known_mix_gives_exact_counts(start: Start, dns_server: TestDNSServer)
     assert ("python_gc_collections_total", (("generation", "0"),)) in s
 
 
+def test_a_spent_dns_budget_is_counted_once_per_message(start: Start) -> None:
+    """The author's policy query times out (0.5 s) and eats the budget
+    (0.52 s): every later lookup of the message is refused without being
+    sent, and the message counts once."""
+    daemon = start({"dns": {"budget": 0.52}})
+    send(daemon, make_message(from_="carol@slow.example"))
+    daemon.wait_log("message", 1)
+    s, _ = scrape(daemon)
+    assert by_label(s, "dmarcmilter_dns_queries_total") == {"timeout": 1}
+    assert value(s, "dmarcmilter_dns_budget_exhausted_total") == 1
+    # The refused lookups were cache misses too, but no query.
+    assert value(s, "dmarcmilter_dns_cache_misses_total") > 1
+    assert value(s, "dmarcmilter_dns_query_seconds_count") == 1
+    assert by_label(s, "dmarcmilter_dmarc_results_total") == {"temperror": 1}
+
+
 def _python_info(samples: Samples) -> dict[str, str]:
     ((_, labels),) = [k for k in samples if k[0] == "python_info"]
     return dict(labels)
