@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dmarcmilter.metrics import MAX_REPORT_FILE_BYTES
 from tests.daemon import ROOT, MilterDaemon
 from tests.dnsserver import TestDNSServer
-from tests.milterclient import EndOfMessage, MilterClient
+from tests.milterclient import ALL_ACTIONS, SMFIF_CHGHDRS, EndOfMessage, MilterClient
 from tests.signing import dkim_sign, dkim_zone, make_message
 
 ZONE: dict[str, Any] = {
@@ -110,10 +110,11 @@ def send(
     message: bytes,
     ip: str | None = BAD_IP,
     sender: str = "x@elsewhere.example",
+    actions: int = ALL_ACTIONS,
 ) -> EndOfMessage:
     client = MilterClient(daemon.socket)
     try:
-        client.negotiate()
+        client.negotiate(actions)
         if ip is None:
             client.connect("localhost", "/run/local", family="L")
         else:
@@ -223,6 +224,25 @@ def test_a_spent_dns_budget_is_counted_once_per_message(start: Start) -> None:
     assert value(s, "dmarcmilter_dns_cache_misses_total") > 1
     assert value(s, "dmarcmilter_dns_query_seconds_count") == 1
     assert by_label(s, "dmarcmilter_dmarc_results_total") == {"temperror": 1}
+
+
+def test_an_internal_error_is_counted_with_its_action(start: Start) -> None:
+    """A forged Authentication-Results field that the MTA does not let us
+    remove: an internal error, answered with internal_error_action."""
+    daemon = start()
+    forged = ("Authentication-Results", "mx.receiver.example; dmarc=pass")
+    eom = send(
+        daemon,
+        make_message(from_="ceo@example.com", extra_headers=[forged]),
+        actions=ALL_ACTIONS & ~SMFIF_CHGHDRS,
+    )
+    assert (eom.reply.kind, eom.reply.code) == ("replycode", "451")
+    daemon.wait_log("message", 1)
+    s, _ = scrape(daemon)
+    assert value(s, "dmarcmilter_internal_errors_total") == 1
+    assert by_label(s, "dmarcmilter_milter_actions_total") == {"tempfail": 1}
+    assert value(s, "dmarcmilter_messages_evaluated_total") == 0
+    assert value(s, "dmarcmilter_eom_seconds_count") == 1
 
 
 def _python_info(samples: Samples) -> dict[str, str]:
