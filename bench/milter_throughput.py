@@ -21,7 +21,12 @@ connect to the final reply to the end of DATA, one message per session), for:
   quickack on: a change is measured against its predecessor in one run;
 * ``b-noqa`` dmarcmilter on TCP loopback with quickack off (the kernel
   defaults): Nagle plus delayed ACKs stall each of the milter protocol's small
-  writes for ~40 ms, see ../shared/notes/field-notes.md.
+  writes for ~40 ms, see ../shared/notes/field-notes.md;
+* ``b-metrics`` dmarcmilter on TCP loopback as (b), with ``[metrics] listen``
+  on and /metrics scraped every ``SCRAPE_INTERVAL`` seconds by this process
+  (more often than a usual Prometheus, so the scrapes' cost shows): its milter
+  CPU per message against (b)'s is the cost of the metrics (target: at most
+  ``METRICS_TARGET`` more).
 
 The configurations take turns in rounds (a b c b-unix b-noqa, a b c ..., each
 round ``--seconds`` long) so that any drift of the machine hits them all
@@ -74,7 +79,8 @@ Needs root, Postfix, and opendkim + opendmarc (``make bench-system-packages``).
 
 ``--profile`` adds one more dmarcmilter round under ``py-spy record``
 (``pip install py-spy``) and prints where its process spends its time.
-``--quick`` is a short smoke run.
+``--quick`` is a short smoke run.  The cost of the metrics alone:
+``--configs a,b,b-metrics``.
 
 Targets (on a 2-core machine): (b) at least 1.5 times the throughput of (c),
 with a p99 latency no higher than (c)'s; dmarcmilter's RSS at most 150 MB.
@@ -100,6 +106,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +128,10 @@ RCPT = "user@receiver.example"
 PSL = "/usr/share/publicsuffix/public_suffix_list.dat"
 RSS_TARGET_MB = 150.0
 RATIO_TARGET = 1.5
+# b-metrics: seconds between two scrapes of /metrics; the most the milter's
+# CPU per message may grow with the metrics on.
+SCRAPE_INTERVAL = 3.0
+METRICS_TARGET = 0.02
 SEED = 20260501
 
 # -- the message mix ------------------------------------------------------------------
@@ -668,13 +679,19 @@ class CStack:
 
 
 def start_dmarcmilter(
-    directory: Path, socket_spec: str, source: Path = ROOT, failure_reports: bool = False
+    directory: Path,
+    socket_spec: str,
+    source: Path = ROOT,
+    failure_reports: bool = False,
+    metrics_listen: str = "",
 ) -> MilterDaemon:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     config: dict[str, Any] = {"milter": {"socket": socket_spec, "socket_mode": "0666"}}
     if failure_reports:
         config["failure_reports"] = {"enabled": True}
+    if metrics_listen:
+        config["metrics"] = {"listen": metrics_listen}
     daemon = MilterDaemon(directory, 53, config, source=source)
     daemon.start()
     if socket_spec.startswith("unix:"):
@@ -734,6 +751,44 @@ def rss_mb(pid: int) -> float:
             continue
         todo += _children(p)
     return total / 1024
+
+
+class Scraper:
+    """Scrapes a /metrics every ``interval`` seconds, as Prometheus would,
+    for as long as the run lasts."""
+
+    def __init__(self, url: str, interval: float = SCRAPE_INTERVAL) -> None:
+        self.url = url
+        self.interval = interval
+        self.scrapes = 0
+        self.failures = 0
+        self.last = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.scrape()
+
+    def scrape(self) -> bytes:
+        try:
+            with urllib.request.urlopen(self.url, timeout=5) as answer:
+                self.last = answer.read()
+            self.scrapes += 1
+        except OSError:
+            self.failures += 1
+        return self.last
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def metric_value(text: bytes, name: str) -> float:
+    """One unlabelled sample of a scrape (0 when absent)."""
+    match = re.search(rb"^" + re.escape(name.encode()) + rb" (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 class RSSSampler:
@@ -1078,7 +1133,7 @@ def summarize_profile(raw: Path, top: int = 15) -> None:
         print(f"      {100 * count / total:5.1f}%  {frame}")
 
 
-CONFIG_KEYS = ("a", "b", "c", "b-unix", "b-noqa", "b-base")
+CONFIG_KEYS = ("a", "b", "c", "b-unix", "b-noqa", "b-base", "b-metrics")
 LABELS = {
     "a": "(a) Postfix, no milter",
     "b": "(b) + dmarcmilter, TCP",
@@ -1086,6 +1141,7 @@ LABELS = {
     "b-unix": "(b-unix) + dmarcmilter, unix socket",
     "b-noqa": "(b-noqa) + dmarcmilter, TCP, quickack off",
     "b-base": "(b-base) + baseline dmarcmilter, TCP",
+    "b-metrics": "(b-metrics) + dmarcmilter, TCP, metrics on",
 }
 
 
@@ -1128,6 +1184,7 @@ def run(args: argparse.Namespace) -> int:
     servers: list[PostfixServer] = []
     daemons: list[MilterDaemon] = []
     cstack: CStack | None = None
+    scraper: Scraper | None = None
     rss = RSSSampler()
     configs: list[Config] = []
     exit_code = 0
@@ -1158,6 +1215,18 @@ def run(args: argparse.Namespace) -> int:
                 workdir / "dmarcmilter-base", spec, source=args.baseline_tree
             )
             daemons.append(daemon_base)
+        daemon_metrics = None
+        if "b-metrics" in keys:
+            spec = f"inet:{free_port()}@{HOST}"
+            listen = f"{HOST}:{free_port()}"
+            daemon_metrics = start_dmarcmilter(
+                workdir / "dmarcmilter-metrics",
+                spec,
+                failure_reports=args.failure_reports,
+                metrics_listen=listen,
+            )
+            daemons.append(daemon_metrics)
+            scraper = Scraper(f"http://{listen}/metrics")
         if "c" in keys:
             cstack = CStack(workdir / "opendkim-opendmarc").start()
 
@@ -1171,6 +1240,9 @@ def run(args: argparse.Namespace) -> int:
         if daemon_unix is not None:
             checker.reconfigure(milter=milter_spec(daemon_unix))
             problems += delivered_check(checker, mails, "(b-unix) dmarcmilter")
+        if daemon_metrics is not None:
+            checker.reconfigure(milter=milter_spec(daemon_metrics))
+            problems += delivered_check(checker, mails, "(b-metrics) dmarcmilter, metrics on")
         if daemon_base is not None:
             checker.reconfigure(milter=milter_spec(daemon_base))
             problems += delivered_check(checker, mails, "(b-base) dmarcmilter, baseline")
@@ -1202,6 +1274,12 @@ def run(args: argparse.Namespace) -> int:
                 cfg = Config(key, LABELS[key], server, {"dmarcmilter": daemon_base.proc.pid})
                 cfg.quickack = True
                 cfg.results = ResultLog(daemon_base)
+            elif key == "b-metrics":
+                assert daemon_metrics is not None and daemon_metrics.proc is not None
+                server = postfix(milter_spec(daemon_metrics))
+                cfg = Config(key, LABELS[key], server, {"dmarcmilter": daemon_metrics.proc.pid})
+                cfg.quickack = True
+                cfg.results = ResultLog(daemon_metrics)
             elif key == "b-unix":
                 assert daemon_unix is not None and daemon_unix.proc is not None
                 server = postfix(milter_spec(daemon_unix))
@@ -1246,6 +1324,8 @@ def run(args: argparse.Namespace) -> int:
                     cfg.results.skip()
 
         report(configs, rss)
+        if scraper is not None:
+            metrics_report(configs, scraper)
         if args.profile and daemon_tcp is not None:
             profile(configs, load, dns, rss, daemon_tcp, workdir, args)
     except KeyboardInterrupt:
@@ -1253,6 +1333,8 @@ def run(args: argparse.Namespace) -> int:
         exit_code = 130
     finally:
         rss.stop()
+        if scraper is not None:
+            scraper.stop()
         load.close()
         for server in servers:
             with contextlib.suppress(Exception):
@@ -1269,6 +1351,32 @@ def run(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return exit_code
+
+
+def metrics_report(configs: list[Config], scraper: Scraper) -> None:
+    """The cost of the metrics: b-metrics's milter CPU per message against
+    b's, measured in the same alternating rounds."""
+    text = scraper.scrape()
+    evaluated = metric_value(text, "dmarcmilter_messages_evaluated_total")
+    print(
+        f"  b-metrics: {scraper.scrapes} scrapes of /metrics every {scraper.interval:g} s "
+        f"({scraper.failures} failed; last one {len(text):,} bytes, "
+        f"{evaluated:.0f} messages evaluated counted)"
+    )
+    per = {
+        cfg.key: sum(map(sum, cfg.milter_cpu.values())) / cfg.cpu_msgs
+        for cfg in configs
+        if cfg.cpu_msgs and cfg.milters
+    }
+    if "b" in per and "b-metrics" in per:
+        b, m = per["b"], per["b-metrics"]
+        delta = (m - b) / b if b else float("nan")
+        verdict = "within" if delta <= METRICS_TARGET else "OVER"
+        print(
+            f"  metrics cost: milter CPU per message b {1000 * b:.3f} ms, b-metrics "
+            f"{1000 * m:.3f} ms: {100 * delta:+.1f}% ({verdict} the "
+            f"{100 * METRICS_TARGET:.0f}% target)"
+        )
 
 
 def check_alive(daemons: list[MilterDaemon], cstack: CStack | None) -> None:

@@ -47,6 +47,7 @@ from .errors import ConfigError, DatabaseError, DmarcMilterError, SchemaError
 from .history import db
 from .history.writer import HistoryWriter
 from .logline import json_line, logfmt
+from .metrics import HealthSources, Metrics, MetricsListener, parse_listen, report_file_path
 from .milter import ACTION_FLAGS, MilterState, Runtime, milter_factory, register_callbacks
 
 log = logging.getLogger("dmarcmilter")
@@ -57,7 +58,13 @@ SHUTDOWN_GRACE = 30.0
 STOP_SETTLE = 0.2
 SYSLOG_SOCKET = "/dev/log"
 # Settings read once at start-up.
-RESTART_ONLY = ("milter.socket", "milter.socket_mode", "paths.state_dir", "database.url")
+RESTART_ONLY = (
+    "milter.socket",
+    "milter.socket_mode",
+    "paths.state_dir",
+    "database.url",
+    "metrics.listen",
+)
 
 
 class StartupError(DmarcMilterError):
@@ -206,6 +213,8 @@ class Daemon:
         self.wake = threading.Event()
         self.state: MilterState | None = None
         self.writer: HistoryWriter | None = None
+        self.metrics: Metrics | None = None
+        self.listener: MetricsListener | None = None
 
     def run(self) -> int:
         configure_logging(self.config)
@@ -232,7 +241,9 @@ class Daemon:
         self.writer.start()
         self.state = MilterState(Runtime.build(self.config), self.writer)
         try:
+            self._prepare_metrics()
             thread = self._start_milter()
+            self._start_listener(thread)
             log.info(
                 "dmarcmilter %s listening on %s",
                 __version__,
@@ -242,6 +253,35 @@ class Daemon:
             self._serve(thread)
         finally:
             self._finish()
+
+    def _prepare_metrics(self) -> None:
+        """With [metrics] listen set: the registry, counted from now on, and
+        the listener's socket (bound here, so a port in use stops the start)."""
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        assert self.state is not None
+        metrics = Metrics(report_file_path(self.config))
+        metrics.state.writer = self.writer
+        state = self.state
+        metrics.state.resolver = lambda: state.runtime.resolver
+        metrics.state.in_progress = lambda: state.active
+        try:
+            self.listener = MetricsListener(metrics, listen)
+        except (ValueError, OSError) as exc:
+            raise StartupError(str(exc.strerror if isinstance(exc, OSError) else exc)) from None
+        self.metrics = metrics
+        state.metrics = metrics
+
+    def _start_listener(self, thread: threading.Thread) -> None:
+        if self.listener is None:
+            return
+        self.listener.health = HealthSources(thread.is_alive, self.spec, self.writer)
+        self.listener.start()
+        log.info(
+            "metrics and health listening",
+            extra={"fields": {"metrics_listen": self.listener.bound}},
+        )
 
     def _start_milter(self) -> threading.Thread:
         assert self.state is not None
@@ -327,6 +367,12 @@ class Daemon:
 
     def reload(self) -> bool:
         """Load the configuration file again; True when it took effect."""
+        done = self._reload()
+        if self.metrics is not None:
+            self.metrics.reloaded(done)
+        return done
+
+    def _reload(self) -> bool:
         assert self.state is not None
         try:
             new = load_config(self.config_path)
@@ -337,6 +383,8 @@ class Daemon:
             if _setting(new, key) != _setting(self.config, key):
                 log.warning("%s changed: it takes effect at the next restart", key)
         try:
+            if new.metrics.listen:
+                parse_listen(new.metrics.listen)
             runtime = Runtime.build(new, self.state.runtime)
             # Logging goes first: a syslog socket that cannot be opened
             # refuses the whole file, before anything changed.
@@ -346,10 +394,14 @@ class Daemon:
             return False
         self.config = new
         self.state.runtime = runtime
+        if self.metrics is not None:
+            self.metrics.report.path = report_file_path(new)
         log.info("configuration reloaded from %s", self.config_path or "the defaults")
         return True
 
     def _finish(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
         if self.writer is not None:
             if not self.writer.close():
                 log.error("history writer did not finish; its rows wait in the journal")

@@ -58,6 +58,7 @@ from .evaluation import Envelope, Evaluation, evaluate
 from .history.rows import MAX_BOUNCES_PER_MESSAGE, FailureMaterial, bounce_row
 from .history.writer import HistoryWriter
 from .message import Message, MessageBuffer
+from .metrics import NO_METRICS, Sink
 from .policy import (
     Action,
     Decision,
@@ -158,6 +159,8 @@ class MilterState:
     def __init__(self, runtime: Runtime, writer: HistoryWriter | None) -> None:
         self.runtime = runtime
         self.writer = writer
+        # Prometheus metrics ([metrics] listen); NO_METRICS does nothing.
+        self.metrics: Sink = NO_METRICS
         self.stopping = False
         # Set once stopping: transactions begun after it are not waited for,
         # and the history is closed before they end.
@@ -329,6 +332,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             # could no longer be kept, so the MTA retries it after the
             # restart rather than deliver it unrecorded.
             self._log_line(txn, started, action="tempfail", stopping=True)
+            self.state.metrics.skipped("stopping", "tempfail", time.perf_counter() - started)
             return self._refuse("tempfail")
         stripped = False
         removed = 0
@@ -342,6 +346,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             except Milter.error:
                 # The MTA connection failed: the transaction is abandoned.
                 self._log_line(txn, started, aborted=True)
+                self.state.metrics.aborted()
                 return TEMPFAIL
             stripped = True
             return self._end_of_message(txn, started, removed, headers, owned)
@@ -433,6 +438,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             # Forged fields could not be removed: never deliver them.
             action = "tempfail"
         self._log_line(txn, started, action=action, error_id=error_id, removed_ar=removed or None)
+        self.state.metrics.internal_error(action, time.perf_counter() - started)
         return self._refuse(action)
 
     def _refuse(self, action: str) -> int:
@@ -490,6 +496,7 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
             # internal-error action (tempfail by default).
             action = config.milter.internal_error_action
             self._log_line(txn, started, skipped=skip, removed_ar=removed, action=action)
+            self.state.metrics.skipped(skip, action, time.perf_counter() - started)
             return self._refuse(action)
         if skip is not None or envelope is None:
             # Not evaluated; forged fields are already gone.  A header
@@ -517,6 +524,11 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                 action=refusal.action.value if refusal else "accept",
                 report_bounces=bounces,
             )
+            self.state.metrics.skipped(
+                skip or "no_client_address",
+                refusal.action.value if refusal else "accept",
+                time.perf_counter() - started,
+            )
             return code
         # A body cut at the limit was let go: the message is its header.
         buffer = txn.buffer
@@ -526,14 +538,17 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
         message = buffer.message()
         del buffer
         upstream = upstream_results(headers, runtime.upstream_trust, envelope, owned)
+        dns = runtime.resolver.session()
+        evaluating = time.perf_counter()
         evaluation = evaluate(
             envelope,
             message,
-            runtime.resolver.session(),
+            dns,
             config,
             upstream=upstream,
             body_cut_at=config.milter.max_body_bytes if txn.body_cut else None,
         )
+        evaluated = time.perf_counter() - evaluating
         decision = decide(evaluation, config.policy, context)
         actions = plan(evaluation, decision, config, self.authserv_id)
         if decision.quarantine is QuarantineMethod.HEADER and not self._actions & Milter.ADDHDRS:
@@ -567,6 +582,11 @@ class DMARCMilter(Milter.Base):  # type: ignore[misc]
                 )
             },
         )
+        self.state.metrics.evaluated(
+            evaluation, decision, actions.verdict, dns, evaluated, time.perf_counter() - started
+        )
+        if failed:
+            self.state.metrics.aborted()
         return code
 
     def _failure_material(

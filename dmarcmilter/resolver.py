@@ -85,6 +85,8 @@ class QueryLogEntry:
     records: tuple[object, ...]
     cached: bool
     elapsed_ms: float
+    # Not sent: the message's DNS budget was spent (status TIMEOUT).
+    budget_spent: bool = False
 
 
 class DNSFailure(DmarcMilterError):
@@ -333,9 +335,11 @@ class DNSSession:
         start = time.monotonic()
         answer = self.resolver.cached(qname, rdtype)
         cached = answer is not None
+        spent = False
         if answer is None:
             left = self.deadline - start
             if left < MIN_QUERY_SECONDS:
+                spent = True
                 answer = DNSAnswer(
                     qname, rdtype, DNSStatus.TIMEOUT, detail="per-message DNS budget spent"
                 )
@@ -359,6 +363,7 @@ class DNSSession:
                 records,
                 cached,
                 (time.monotonic() - start) * 1000.0,
+                spent,
             )
         )
         return answer

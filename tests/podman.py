@@ -154,10 +154,20 @@ def ensure_base_image() -> str:
         return BASE_IMAGE
 
 
-def build(tag: str, dockerfile: Path, context: Path = ROOT, build_args: Sequence[str] = ()) -> str:
-    """Build an image (the base image first, when missing) and return its tag."""
+def build(
+    tag: str,
+    dockerfile: Path,
+    context: Path = ROOT,
+    build_args: Sequence[str] = (),
+    docker_format: bool = False,
+) -> str:
+    """Build an image (the base image first, when missing) and return its tag.
+    ``docker_format``: keep HEALTHCHECK, which the OCI image format (podman's
+    default) has no field for and drops."""
     ensure_base_image()
     args = ["build", "--network", "host", "-f", str(dockerfile), "-t", tag]
+    if docker_format:
+        args += ["--format", "docker"]
     for arg in build_args:
         args += ["--build-arg", arg]
     podman(*args, str(context), timeout=1800)

@@ -21,6 +21,7 @@ import yaml
 
 from dmarcmilter.config import load_config, parse_socket
 from dmarcmilter.daemon import SHUTDOWN_GRACE
+from dmarcmilter.metrics import parse_listen
 from tests.podman import BASE_IMAGE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,8 +153,15 @@ def test_the_runtime_installs_only_built_wheels_and_runs_unprivileged() -> None:
     useradd = runs(stage).split("useradd ")[1].split("&&")[0].split()
     assert "--system" in useradd and useradd[-1] == user
     assert instruction(stage, "STOPSIGNAL") == "SIGTERM"
-    # No HEALTHCHECK until dmarcmilter has a health endpoint to ask.
-    assert [i for i, _ in stage if i == "HEALTHCHECK"] == []
+    # The HEALTHCHECK asks /health, with the image's own Python (no curl),
+    # on the port of the configuration file the daemon runs with.
+    check = instruction(stage, "HEALTHCHECK")
+    assert check.split("CMD", 1)[1].split() == [
+        '["/opt/dmarcmilter/bin/python",',
+        '"-m",',
+        '"dmarcmilter.healthcheck",',
+        '"/etc/dmarcmilter/dmarcmilter.toml"]',
+    ]
 
 
 def test_the_sidecar_listens_where_postfix_asks_and_the_image_exposes() -> None:
@@ -165,7 +173,8 @@ def test_the_sidecar_listens_where_postfix_asks_and_the_image_exposes() -> None:
     port = spec.port
     # Every address of the container: the MTA is another container.
     assert spec.address == "0.0.0.0"
-    assert instruction(stage, "EXPOSE") == str(port)
+    metrics_port = parse_listen(config.metrics.listen)[1]
+    assert instruction(stage, "EXPOSE").split() == [str(port), str(metrics_port)]
     assert services["dmarcmilter"]["expose"] == [str(port)]
     # Not published on the host: only the compose network reaches it.
     assert "ports" not in services["dmarcmilter"]

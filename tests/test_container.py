@@ -19,6 +19,7 @@ import datetime as dt
 import email
 import email.message
 import gzip
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import sqlite3
 import subprocess
 import time
 import tomllib
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -79,7 +81,7 @@ def logs(container: str) -> str:
 @pytest.fixture(scope="session")
 def image() -> str:
     podman_tools.require("the container test")
-    return podman_tools.build(IMAGE, DOCKERFILE)
+    return podman_tools.build(IMAGE, DOCKERFILE, docker_format=True)
 
 
 class Container:
@@ -91,6 +93,7 @@ class Container:
         self.name = f"dmarcmilter-test-{tag}"
         self.volume = f"dmarcmilter-test-state-{tag}"
         self.port = free_port("127.0.0.1")
+        self.metrics_port = free_port("127.0.0.1")
         # The image's own configuration, with the test's DNS and port.  The
         # client address comes from outside the trusted networks, so the
         # message is evaluated.
@@ -109,6 +112,7 @@ class Container:
                             "budget": 4.0,
                         },
                         "milter": {"socket": f"inet:{self.port}@127.0.0.1"},
+                        "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
                     },
                 )
             )
@@ -276,9 +280,32 @@ def test_the_image_starts_with_its_own_configuration(image: str) -> None:
             assert time.monotonic() < deadline, output
             time.sleep(0.2)
         assert f"dmarcmilter {__version__} listening on inet:8893@0.0.0.0" in output
+        # The image's HEALTHCHECK, as the shipped configuration sets it up.
+        assert healthcheck(name) == 0
     finally:
         # Its anonymous state volume goes with it.
         podman("rm", "--force", "--volumes", "--time", "0", name, check=False)
+
+
+def healthcheck(container: str) -> int:
+    """``podman healthcheck run``: 0 healthy, 1 unhealthy."""
+    return podman_tools.podman("healthcheck", "run", container, check=False).returncode
+
+
+def test_the_healthcheck_follows_the_milter(run_container: Callable[[], Container]) -> None:
+    """HEALTHCHECK asks /health on the port the mounted configuration sets;
+    /metrics counts the message."""
+    container = run_container()
+    assert healthcheck(container.name) == 0
+    send_signed(container, "CTR0003")
+    base = f"http://127.0.0.1:{container.metrics_port}"
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as answer:
+        health = json.loads(answer.read())
+    assert (health["status"], health["milter_socket_served"]) == ("ok", True)
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    assert "\ndmarcmilter_messages_evaluated_total 1.0\n" in text
+    assert '\ndmarcmilter_dmarc_results_total{result="pass"} 1.0\n' in text
 
 
 def test_the_runtime_image_has_no_compiler(image: str) -> None:

@@ -187,6 +187,11 @@ class HistoryWriter:
         self._failures_bytes = 0
 
     @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs (for /health and metrics)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def journal_directory(self) -> Path:
         return self._journal.directory
 
