@@ -4,7 +4,8 @@
 domain; ``evaluate`` runs the whole evaluation of one stored message.  All
 three are thin drivers of the same core.  ``db upgrade|status|prune`` manage
 the history store; ``report`` turns it into aggregate reports;
-``suppress add|remove|list`` manages the report destinations that get none.  Bad input
+``suppress add|remove|list`` manages the report destinations that get none;
+``impact`` shows what stricter enforcement settings would have done.  Bad input
 ends with one line on stderr and exit status 2, never a traceback.
 """
 
