@@ -30,6 +30,7 @@ bounded in time and in number (:data:`MAX_REQUESTS`, :data:`REQUEST_TIMEOUT`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import ipaddress
 import json
@@ -41,7 +42,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -130,6 +131,27 @@ class Sink:
 NO_METRICS = Sink()
 
 
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _never_raises(method: _F) -> _F:
+    """Counting runs on the mail path after the verdict is made: a fault in
+    it must not turn into the internal-error action for the message.  The
+    first fault of a Metrics is logged with its traceback, later ones are
+    only counted (``faults``), so a fault that repeats cannot flood the log."""
+
+    @functools.wraps(method)
+    def guarded(self: Metrics, *args: Any, **kwargs: Any) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception:
+            self.faults += 1
+            if self.faults == 1:
+                log.exception("metrics: cannot count a message; the message is not affected")
+
+    return guarded  # type: ignore[return-value]
+
+
 def _children(family: Any, values: Iterable[str]) -> dict[str, Any]:
     return {v: family.labels(v) for v in values}
 
@@ -138,6 +160,8 @@ class Metrics(Sink):
     """The registry and every family; see the module docstring."""
 
     def __init__(self, report_file: Path) -> None:
+        # Faults while counting (see _never_raises); counted, not raised.
+        self.faults = 0
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         ProcessCollector(registry=r)
@@ -294,6 +318,7 @@ class Metrics(Sink):
 
     # -- the mail path ----------------------------------------------------------------
 
+    @_never_raises
     def evaluated(
         self,
         evaluation: Evaluation,
@@ -343,6 +368,7 @@ class Metrics(Sink):
         else:
             self._actions[verdict.value].inc()
 
+    @_never_raises
     def skipped(self, reason: str, action: str, eom_seconds: float) -> None:
         counter = self._skipped.get(reason)
         if counter is not None:
@@ -350,14 +376,17 @@ class Metrics(Sink):
         self._actions.get(action, self._actions["tempfail"]).inc()
         self._eom_seconds.observe(eom_seconds)
 
+    @_never_raises
     def internal_error(self, action: str, eom_seconds: float) -> None:
         self._internal_errors.inc()
         self._actions.get(action, self._actions["tempfail"]).inc()
         self._eom_seconds.observe(eom_seconds)
 
+    @_never_raises
     def aborted(self) -> None:
         self._aborted.inc()
 
+    @_never_raises
     def reloaded(self, success: bool) -> None:
         self._reloads["success" if success else "failure"].inc()
 

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -557,3 +558,21 @@ def test_health_is_503_when_the_milter_thread_has_ended(tmp_path: Path) -> None:
             alive.join()
     assert status == 503
     assert (body["status"], body["milter_thread_alive"]) == ("unavailable", False)
+
+
+def test_a_fault_in_counting_never_reaches_the_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Counting runs after the verdict: a fault in it is logged once and
+    swallowed, so it can never turn into the internal-error action."""
+    from dmarcmilter.metrics import Metrics
+
+    metrics = Metrics(tmp_path / "report-metrics.prom")
+    metrics._dmarc = {}  # every result is now missing: a KeyError on use
+    broken: Any = SimpleNamespace(
+        dmarc=SimpleNamespace(result=SimpleNamespace(value="fail"), policy=None)
+    )
+    for _ in range(3):
+        metrics.evaluated(broken, broken, broken, broken, 0.001, 0.002)
+    assert caplog.text.count("metrics: cannot count a message") == 1
+    assert metrics.faults == 3
