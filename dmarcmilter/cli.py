@@ -395,13 +395,9 @@ def cmd_impact(args: argparse.Namespace) -> int:
     now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     if args.days is not None and (args.since or args.until):
         raise InputError("--days cannot be combined with --since or --until")
-    if args.until and not args.since:
-        raise InputError("--until needs --since")
-    if args.since:
-        since = _report_time(args.since, "--since")
-        until = _report_time(args.until, "--until") if args.until else now
-        if until <= since:
-            raise InputError(f"--until {until.isoformat()} is not after --since")
+    explicit = _since_until(args, now)
+    if explicit is not None:
+        since, until = explicit
     else:
         days = impact.DEFAULT_DAYS if args.days is None else args.days
         if not 1 <= days <= 3660:
@@ -549,16 +545,28 @@ def _report_time(text: str, option: str) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
+def _since_until(
+    args: argparse.Namespace, now: dt.datetime
+) -> tuple[dt.datetime, dt.datetime] | None:
+    """``--since`` and ``--until`` (default: now) as UTC times, or None when
+    ``--since`` is not given; InputError for a bad or empty span."""
+    if args.until and not args.since:
+        raise InputError("--until needs --since")
+    if not args.since:
+        return None
+    since = _report_time(args.since, "--since")
+    until = _report_time(args.until, "--until") if args.until else now
+    if until <= since:
+        raise InputError(f"--until {until.isoformat()} is not after --since")
+    return since, until
+
+
 def _report_period(args: argparse.Namespace, now: dt.datetime) -> Any:
     from .report.period import Period
 
-    if args.until and not args.since:
-        raise InputError("--until needs --since")
-    if args.since:
-        since = _report_time(args.since, "--since")
-        until = _report_time(args.until, "--until") if args.until else now
-        if until <= since:
-            raise InputError(f"--until {until.isoformat()} is not after --since")
+    explicit = _since_until(args, now)
+    if explicit is not None:
+        since, until = explicit
         if until > now:
             raise InputError(
                 f"--until {until.isoformat()} is in the future: a report covers a finished period"

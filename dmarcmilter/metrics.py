@@ -156,6 +156,14 @@ def _children(family: Any, values: Iterable[str]) -> dict[str, Any]:
     return {v: family.labels(v) for v in values}
 
 
+def _counts(
+    registry: CollectorRegistry, name: str, text: str, label: str, values: Iterable[str]
+) -> dict[str, Any]:
+    """A counter with one label, its children made up front for ``values``
+    (the only values it takes: a fixed set, never text from a message)."""
+    return _children(Counter(name, text, [label], registry=registry), values)
+
+
 class Metrics(Sink):
     """The registry and every family; see the module docstring."""
 
@@ -173,13 +181,11 @@ class Metrics(Sink):
         self._evaluated = Counter(
             "dmarcmilter_messages_evaluated", "Messages evaluated", registry=r
         )
-        self._skipped = _children(
-            Counter(
-                "dmarcmilter_messages_skipped",
-                "Messages not evaluated, by why",
-                ["reason"],
-                registry=r,
-            ),
+        self._skipped = _counts(
+            r,
+            "dmarcmilter_messages_skipped",
+            "Messages not evaluated, by why",
+            "reason",
             SKIP_REASONS,
         )
         self._internal_errors = Counter(
@@ -192,76 +198,60 @@ class Metrics(Sink):
             "Transactions the MTA abandoned during end-of-message (not recorded)",
             registry=r,
         )
-        self._actions = _children(
-            Counter(
-                "dmarcmilter_milter_actions",
-                "The milter's answer to every message at end-of-message",
-                ["action"],
-                registry=r,
-            ),
+        self._actions = _counts(
+            r,
+            "dmarcmilter_milter_actions",
+            "The milter's answer to every message at end-of-message",
+            "action",
             MILTER_ACTIONS,
         )
-        self._dmarc = _children(
-            Counter(
-                "dmarcmilter_dmarc_results",
-                "DMARC results of evaluated messages",
-                ["result"],
-                registry=r,
-            ),
+        self._dmarc = _counts(
+            r,
+            "dmarcmilter_dmarc_results",
+            "DMARC results of evaluated messages",
+            "result",
             (c.value for c in DMARCResultCode),
         )
-        self._policy = _children(
-            Counter(
-                "dmarcmilter_dmarc_policy",
-                "The DMARC policy that applied (absent: no policy record)",
-                ["policy"],
-                registry=r,
-            ),
+        self._policy = _counts(
+            r,
+            "dmarcmilter_dmarc_policy",
+            "The DMARC policy that applied (absent: no policy record)",
+            "policy",
             [*(p.value for p in Policy), "absent"],
         )
-        self._disposition = _children(
-            Counter(
-                "dmarcmilter_dispositions",
-                "Dispositions of evaluated messages",
-                ["disposition"],
-                registry=r,
-            ),
+        self._disposition = _counts(
+            r,
+            "dmarcmilter_dispositions",
+            "Dispositions of evaluated messages",
+            "disposition",
             (d.value for d in Disposition),
         )
-        self._monitored = _children(
-            Counter(
-                "dmarcmilter_monitor_would",
-                "Monitor mode: what enforcement would have done instead",
-                ["action"],
-                registry=r,
-            ),
+        self._monitored = _counts(
+            r,
+            "dmarcmilter_monitor_would",
+            "Monitor mode: what enforcement would have done instead",
+            "action",
             (a.value for a in Action),
         )
-        self._overrides = _children(
-            Counter(
-                "dmarcmilter_policy_overrides",
-                "Local policy overrides applied (RFC 9990 PolicyOverrideType)",
-                ["reason"],
-                registry=r,
-            ),
+        self._overrides = _counts(
+            r,
+            "dmarcmilter_policy_overrides",
+            "Local policy overrides applied (RFC 9990 PolicyOverrideType)",
+            "reason",
             (o.value for o in OverrideReason),
         )
-        self._spf = _children(
-            Counter(
-                "dmarcmilter_spf_results",
-                "SPF results (MAIL FROM identity)",
-                ["result"],
-                registry=r,
-            ),
+        self._spf = _counts(
+            r,
+            "dmarcmilter_spf_results",
+            "SPF results (MAIL FROM identity)",
+            "result",
             (c.value for c in SPFResultCode),
         )
-        self._dkim = _children(
-            Counter(
-                "dmarcmilter_dkim_results",
-                "DKIM: the best result among a message's signatures (none: unsigned)",
-                ["result"],
-                registry=r,
-            ),
+        self._dkim = _counts(
+            r,
+            "dmarcmilter_dkim_results",
+            "DKIM: the best result among a message's signatures (none: unsigned)",
+            "result",
             (c.value for c in DKIMResultCode),
         )
         self._evaluation_seconds = Histogram(
@@ -276,13 +266,11 @@ class Metrics(Sink):
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self._dns = _children(
-            Counter(
-                "dmarcmilter_dns_queries",
-                "DNS queries sent to the nameservers, by outcome",
-                ["outcome"],
-                registry=r,
-            ),
+        self._dns = _counts(
+            r,
+            "dmarcmilter_dns_queries",
+            "DNS queries sent to the nameservers, by outcome",
+            "outcome",
             (s.value for s in DNSStatus),
         )
         self._cache_hits = Counter(
@@ -302,13 +290,11 @@ class Metrics(Sink):
             "Messages that asked a DNS query after their DNS budget ([dns] budget) was spent",
             registry=r,
         )
-        self._reloads = _children(
-            Counter(
-                "dmarcmilter_config_reloads",
-                "Configuration reloads (SIGHUP) by outcome",
-                ["outcome"],
-                registry=r,
-            ),
+        self._reloads = _counts(
+            r,
+            "dmarcmilter_config_reloads",
+            "Configuration reloads (SIGHUP) by outcome",
+            "outcome",
             ("success", "failure"),
         )
         self.report = ReportFileCollector(report_file)
