@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report_dryrun import zipf_counts
 from dmarcmilter.config import config_from_mapping
 from dmarcmilter.history import db
 from dmarcmilter.history.rows import failure_sample, new_idempotency_key, record_key
@@ -112,10 +113,7 @@ def fill(path: Path, incidents: int, domains: int, hours: int) -> None:
     db.upgrade(url)
     rng = random.Random(9991)
     names = [f"d{i:04d}.example" for i in range(domains)]
-    weights = [1.0 / (i + 1) ** 0.6 for i in range(domains)]
-    scale = incidents / sum(weights)
-    counts = [max(1, int(w * scale)) for w in weights]
-    counts[0] += incidents - sum(counts)
+    counts = zipf_counts(incidents, domains)
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report_dryrun import ROOT, count_rows, fill, vm_hwm_kb
+from bench.report_dryrun import ROOT, add_history_arguments, history_database, vm_hwm_kb
 
 TARGET_SECONDS = 60.0
 TARGET_RSS_MB = 300.0
@@ -41,19 +41,9 @@ UNTIL = "2026-05-02T00:00:00Z"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--domains", type=int, default=10_000)
-    parser.add_argument("--db", type=Path, help="the SQLite file (kept for later runs)")
+    add_history_arguments(parser)
     args = parser.parse_args(argv)
-    path = args.db or Path("/var/tmp/dmarcmilter-bench") / f"report-{args.rows}.sqlite3"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if count_rows(path) != args.rows:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        print(f"building {path}: {args.rows:,} rows, {args.domains:,} domains")
-        fill(path, args.rows, args.domains)
-    size = path.stat().st_size / 1e9
-    print(f"history: {path} ({args.rows:,} rows, {size:.1f} GB)")
+    path = history_database(args)
     load_before = f"{os.getloadavg()[0]:.1f}"
     with tempfile.TemporaryDirectory(prefix="dmarcmilter-bench-") as work:
         config = Path(work) / "dmarcmilter.toml"

@@ -155,16 +155,22 @@ def templates(domain: str, rng: random.Random) -> list[dict[str, Any]]:
     return out
 
 
+def zipf_counts(total: int, domains: int) -> list[int]:
+    """Uneven traffic: a Zipf-like share per domain, at least one each,
+    summing to ``total``; the first domain is the busiest."""
+    weights = [1.0 / (i + 1) ** 0.6 for i in range(domains)]
+    scale = total / sum(weights)
+    counts = [max(1, int(w * scale)) for w in weights]
+    counts[0] += total - sum(counts)
+    return counts
+
+
 def fill(path: Path, rows: int, domains: int) -> None:
     url = f"sqlite:///{path}"
     db.upgrade(url)
     rng = random.Random(9990)
     names = [f"d{i:05d}.example" for i in range(domains)]
-    # Uneven traffic: a Zipf-like share per domain, summing to ``rows``.
-    weights = [1.0 / (i + 1) ** 0.6 for i in range(domains)]
-    scale = rows / sum(weights)
-    counts = [max(1, int(w * scale)) for w in weights]
-    counts[0] += rows - sum(counts)
+    counts = zipf_counts(rows, domains)
     columns = [
         "idempotency_key",
         "arrived_at",
@@ -260,13 +266,16 @@ def count_rows(path: Path) -> int:
         return -1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_history_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--domains", type=int, default=10_000)
     parser.add_argument("--db", type=Path, help="the SQLite file (kept for later runs)")
-    args = parser.parse_args(argv)
-    path = args.db or Path("/var/tmp/dmarcmilter-bench") / f"report-{args.rows}.sqlite3"
+
+
+def history_database(args: argparse.Namespace) -> Path:
+    """The benchmark's history: ``--db``, or one kept per size under
+    /var/tmp; (re)built when it does not hold ``--rows`` messages."""
+    path: Path = args.db or Path("/var/tmp/dmarcmilter-bench") / f"report-{args.rows}.sqlite3"
     path.parent.mkdir(parents=True, exist_ok=True)
     if count_rows(path) != args.rows:
         for suffix in ("", "-wal", "-shm"):
@@ -275,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         fill(path, args.rows, args.domains)
     size = path.stat().st_size / 1e9
     print(f"history: {path} ({args.rows:,} rows, {size:.1f} GB)")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_history_arguments(parser)
+    args = parser.parse_args(argv)
+    path = history_database(args)
     work = Path(tempfile.mkdtemp(prefix="dmarcmilter-bench-"))
     try:
         config = work / "dmarcmilter.toml"
