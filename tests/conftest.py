@@ -23,6 +23,7 @@ from tests.postfixserver import (
     PostfixInstances,
     PostfixServer,
     PostfixUnavailable,
+    ReportSink,
     check_available,
     reap_stale,
 )
@@ -185,6 +186,14 @@ def migrated(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = f"sqlite:///{tmp_path / 'state' / 'history.sqlite3'}"
     db.upgrade(url)
     return url
+
+
+@pytest.fixture
+def sink() -> Iterator[ReportSink]:
+    """The report smarthost: an SMTP server on loopback keeping what it gets."""
+    server = ReportSink().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ standard error is kept, so tests can read the log lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +178,30 @@ def parse_logfmt(line: str) -> dict[str, str]:
     for key, raw in _PAIR.findall(line):
         fields[key] = json.loads(raw) if raw.startswith('"') else raw
     return fields
+
+
+# Starts one more daemon, with the base configuration plus these changes.
+StartDaemon = Callable[..., MilterDaemon]
+
+
+@contextlib.contextmanager
+def daemons(
+    directory: Path, dns_port: int, base: dict[str, Any] | None = None
+) -> Iterator[StartDaemon]:
+    """A way for a test to start daemons, each in a numbered directory under
+    ``directory`` with ``base`` merged with that daemon's changes; every one
+    started is stopped at the end."""
+    started: list[MilterDaemon] = []
+
+    def start(config: dict[str, Any] | None = None) -> MilterDaemon:
+        home = directory / f"d{len(started)}"
+        home.mkdir()
+        daemon = MilterDaemon(home, dns_port, merge(base or {}, config or {}))
+        started.append(daemon)
+        return daemon.start()
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.stop()

@@ -310,6 +310,30 @@ class SMTPSink:
                 self._cond.wait(remaining)
 
 
+class ReportSink(SMTPSink):
+    """The test SMTP server; ``reply`` (e.g. "451 4.3.0 later") refuses DATA."""
+
+    reply: str | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.reply is not None:
+            return self.reply
+        return await super().handle_DATA(server, session, envelope)
+
+    def attachments(self) -> dict[str, list[tuple[str, bytes]]]:
+        """Per recipient: (filename, gzip content) of each report received."""
+        out: dict[str, list[tuple[str, bytes]]] = {}
+        for delivered in self.messages:
+            msg = email.message_from_bytes(delivered.content, policy=email.policy.default)
+            for part in msg.walk():
+                if part.get_content_type() == "application/gzip":
+                    payload = part.get_payload(decode=True)
+                    assert isinstance(payload, bytes)
+                    for rcpt in delivered.rcpt_tos:
+                        out.setdefault(rcpt, []).append((part.get_filename() or "", payload))
+        return out
+
+
 # -- the SMTP client ------------------------------------------------------------------
 
 

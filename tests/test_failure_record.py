@@ -49,7 +49,7 @@ from dmarcmilter.report.failure_mail import (
 )
 from dmarcmilter.report.mail import report_message_id
 from dmarcmilter.resolver import Resolver
-from tests.daemon import MilterDaemon
+from tests.daemon import MilterDaemon, daemons
 from tests.dnsserver import TestDNSServer
 from tests.history_worker import make_row
 from tests.milterclient import EndOfMessage, MilterClient
@@ -87,28 +87,16 @@ ON: dict[str, Any] = {"failure_reports": {"enabled": True}}
 @pytest.fixture
 def start(tmp_path: Path, dns_server: TestDNSServer) -> Iterator[Start]:
     dns_server.set_zone(ZONE)
-    daemons: list[MilterDaemon] = []
-
-    def start_daemon(config: dict[str, Any] | None = None) -> MilterDaemon:
-        directory = tmp_path / f"d{len(daemons)}"
-        directory.mkdir()
-        base = {
-            "report": {
-                "org_name": "Receiver Example",
-                "from_address": REPORT_ADDRESS,
-                "submitter": SUBMITTER,
-            },
-            "clients": {"trusted_networks": ["198.51.100.0/24"]},
-        }
-        for key, value in (config or {}).items():
-            base[key] = {**base.get(key, {}), **value}
-        daemon = MilterDaemon(directory, dns_server.port, base)
-        daemons.append(daemon)
-        return daemon.start()
-
-    yield start_daemon
-    for daemon in daemons:
-        daemon.stop()
+    base = {
+        "report": {
+            "org_name": "Receiver Example",
+            "from_address": REPORT_ADDRESS,
+            "submitter": SUBMITTER,
+        },
+        "clients": {"trusted_networks": ["198.51.100.0/24"]},
+    }
+    with daemons(tmp_path, dns_server.port, base) as start_daemon:
+        yield start_daemon
 
 
 def send(

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dmarcmilter.metrics import MAX_REPORT_FILE_BYTES
-from tests.daemon import ROOT, MilterDaemon
+from tests.daemon import ROOT, MilterDaemon, daemons
 from tests.dnsserver import TestDNSServer
 from tests.milterclient import ALL_ACTIONS, SMFIF_CHGHDRS, EndOfMessage, MilterClient
 from tests.signing import dkim_sign, dkim_zone, make_message
@@ -48,21 +48,8 @@ Start = Callable[..., MilterDaemon]
 @pytest.fixture
 def start(tmp_path: Path, dns_server: TestDNSServer) -> Iterator[Start]:
     dns_server.set_zone(ZONE)
-    daemons: list[MilterDaemon] = []
-
-    def start_daemon(config: dict[str, Any] | None = None) -> MilterDaemon:
-        directory = tmp_path / f"d{len(daemons)}"
-        directory.mkdir()
-        changes = {"metrics": {"listen": "127.0.0.1:0"}}
-        for key, value in (config or {}).items():
-            changes[key] = {**changes.get(key, {}), **value}
-        daemon = MilterDaemon(directory, dns_server.port, changes)
-        daemons.append(daemon)
-        return daemon.start()
-
-    yield start_daemon
-    for daemon in daemons:
-        daemon.stop()
+    with daemons(tmp_path, dns_server.port, {"metrics": {"listen": "127.0.0.1:0"}}) as start_daemon:
+        yield start_daemon
 
 
 def address(daemon: MilterDaemon) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,6 @@ from tests.test_report_generate import (
 )
 
 ADDRESS = "dmarc@one.example"
-
-
-@pytest.fixture
-def sink() -> Iterator[ReportSink]:
-    server = ReportSink()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(autouse=True)

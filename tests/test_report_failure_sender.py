@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +54,6 @@ AFTER = T0 + dt.timedelta(hours=1)
 PERIOD = Period.day(dt.date(2026, 5, 1))
 LOCAL_PART = "jane.doe"
 MAIL_FROM_LOCAL = "ceo.office"
-
-
-@pytest.fixture
-def sink() -> Iterator[ReportSink]:
-    server = ReportSink().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from dmarcmilter.resolver import Resolver
 from tests.conftest import ROOT, shared_path
 from tests.dnsserver import TestDNSServer
 from tests.history_worker import BASE_MESSAGE
-from tests.postfixserver import SMTPSink
+from tests.postfixserver import ReportSink
 
 # What does not depend on the database runs on SQLite alone; storing,
 # retrying, leasing and the lease race run on every database.
@@ -120,49 +119,21 @@ def store(engine: Engine, history: list[tuple[int, dict[str, Any]]], at: dt.date
     return len(rows)
 
 
-class ReportSink(SMTPSink):
-    """The test SMTP server; ``reply`` (e.g. "451 4.3.0 later") refuses DATA."""
-
-    reply: str | None = None
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.reply is not None:
-            return self.reply
-        return await super().handle_DATA(server, session, envelope)
-
-    def attachments(self) -> dict[str, list[tuple[str, bytes]]]:
-        """Per recipient: (filename, gzip content) of each report received."""
-        out: dict[str, list[tuple[str, bytes]]] = {}
-        for delivered in self.messages:
-            msg = email.message_from_bytes(delivered.content, policy=email.policy.default)
-            for part in msg.walk():
-                if part.get_content_type() == "application/gzip":
-                    payload = part.get_payload(decode=True)
-                    assert isinstance(payload, bytes)
-                    for rcpt in delivered.rcpt_tos:
-                        out.setdefault(rcpt, []).append((part.get_filename() or "", payload))
-        return out
-
-
-@pytest.fixture
-def sink() -> Iterator[ReportSink]:
-    server = ReportSink().start()
-    yield server
-    server.stop()
+# Two policy domains: example.com reports to itself, bar.example.com to an
+# external destination that authorizes it.
+REPORT_ZONE: dict[str, Any] = {
+    "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject; rua=mailto:dmarc@example.com")],
+    "_dmarc.bar.example.com": [
+        ("TXT", "v=DMARC1; p=quarantine; rua=mailto:agg@reports.example.net")
+    ],
+    "_dmarc.reports.example.net": [("TXT", "v=DMARC1; p=none")],
+    "bar.example.com._report._dmarc.reports.example.net": [("TXT", "v=DMARC1;")],
+}
 
 
 @pytest.fixture
 def zone(dns_server: TestDNSServer) -> TestDNSServer:
-    dns_server.set_zone(
-        {
-            "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject; rua=mailto:dmarc@example.com")],
-            "_dmarc.bar.example.com": [
-                ("TXT", "v=DMARC1; p=quarantine; rua=mailto:agg@reports.example.net")
-            ],
-            "_dmarc.reports.example.net": [("TXT", "v=DMARC1; p=none")],
-            "bar.example.com._report._dmarc.reports.example.net": [("TXT", "v=DMARC1;")],
-        }
-    )
+    dns_server.set_zone(REPORT_ZONE)
     return dns_server
 
 

@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,7 @@ from tests.dnsserver import TestDNSServer
 from tests.test_report_generate import (
     HISTORY,
     PERIOD,
+    REPORT_ZONE,
     RUN_AT,
     SQLITE_ONLY,
     Clock,
@@ -63,22 +64,10 @@ Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
 
 
 @pytest.fixture
-def sink() -> Iterator[ReportSink]:
-    server = ReportSink().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def zone(dns_server: TestDNSServer) -> TestDNSServer:
     dns_server.set_zone(
         {
-            "_dmarc.example.com": [("TXT", "v=DMARC1; p=reject; rua=mailto:dmarc@example.com")],
-            "_dmarc.bar.example.com": [
-                ("TXT", "v=DMARC1; p=quarantine; rua=mailto:agg@reports.example.net")
-            ],
-            "_dmarc.reports.example.net": [("TXT", "v=DMARC1; p=none")],
-            "bar.example.com._report._dmarc.reports.example.net": [("TXT", "v=DMARC1;")],
+            **REPORT_ZONE,
             f"_dmarc.{failure.AUTHOR}": [("TXT", f"v=DMARC1; p=reject; ruf={failure.RUF}")],
         }
     )
